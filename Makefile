@@ -1,0 +1,42 @@
+# The two commands: `make demo` (the main job on the embedded default) and `make test`.
+# Both create .venv at the repo root if missing and install what they need.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-dev.txt | cksum | cut -d' ' -f1)
+
+.PHONY: demo test lint typecheck pytest venv clean bench-convert
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+
+$(STAMP): $(PY) pyproject.toml constraints-dev.txt
+	$(PIP) install --quiet -c constraints-dev.txt torch==2.13.0
+	$(PIP) install --quiet -c constraints-dev.txt -e '.[dev]'
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) tools/demo.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+pytest: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+
+test: lint typecheck pytest
+
+bench-convert: $(STAMP)
+	$(PY) tools/bench_convert.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

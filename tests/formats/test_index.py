@@ -1,0 +1,273 @@
+"""The dataset index: index.json round trips and refusals, and sample tables (npz, loaded
+without pickle) that reject every inconsistency with a DatasetIndexError."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from dataflow.errors import DatasetIndexError
+from dataflow.index import (
+    FORMAT_VERSION,
+    DatasetIndex,
+    Field,
+    SampleTable,
+    ShardEntry,
+    checksum,
+    load_table,
+    table_path,
+)
+
+FIELDS = [Field(name="jpg", kind="image"), Field(name="cls", kind="int")]
+
+
+def shard_entry(number: int, samples: int = 10, path: str | None = None) -> ShardEntry:
+    path = path or f"shards/shard-{number:06d}.tar"
+    return ShardEntry(
+        path=path,
+        bytes=1000 * (number + 1),
+        samples=samples,
+        checksum=f"xxh64:{number:016x}",
+        table=table_path(path),
+        table_bytes=100,
+        table_checksum="xxh64:0000000000000000",
+    )
+
+
+def make_index() -> DatasetIndex:
+    return DatasetIndex(
+        format="tar",
+        fields=list(FIELDS),
+        shards=[shard_entry(0, 10), shard_entry(1, 7)],
+        metadata={"classes": ["chat", "chien", "écureuil"], "counts": [5, 6, 6]},
+        skipped=[{"source": "in/bad.jpg", "reason": "undecodable JPEG"}],
+    )
+
+
+def document(index: DatasetIndex) -> dict[str, Any]:
+    return json.loads(index.to_json())
+
+
+def make_table(keys: list[str], num_fields: int = 2) -> SampleTable:
+    n = len(keys)
+    offsets = np.arange(n, dtype=np.int64) * 2048
+    field_offsets = np.stack([offsets + 512 + 1024 * f for f in range(num_fields)], axis=1)
+    field_offsets[n // 2, -1] = -1  # one sample lacks its last field
+    field_sizes = np.where(field_offsets >= 0, 100, -1).astype(np.int64)
+    return SampleTable(
+        keys=keys,
+        offsets=offsets,
+        sizes=np.full(n, 2048, np.int64),
+        digests=np.arange(n, dtype=np.uint64) * np.uint64(2**61),
+        field_offsets=field_offsets,
+        field_sizes=field_sizes,
+    )
+
+
+def npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def table_arrays(table: SampleTable) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(table.to_bytes()), allow_pickle=False) as arrays:
+        return {name: arrays[name] for name in arrays.files}
+
+
+# ---------------------------------------------------------------------------------------------
+# index.json
+
+
+def test_index_json_round_trip() -> None:
+    index = make_index()
+    text = index.to_json()
+    assert "écureuil" in text  # human-readable, not \\u-escaped
+    loaded = DatasetIndex.from_json(text)
+    assert loaded == index
+    assert DatasetIndex.from_json(text.encode()) == index
+    fields = document(index)
+    assert fields["version"] == FORMAT_VERSION
+    assert (fields["num_samples"], fields["num_shards"], fields["total_bytes"]) == (17, 2, 3000)
+    assert loaded.field("cls") == FIELDS[1]
+    with pytest.raises(KeyError, match="jpg"):
+        loaded.field("png")
+
+
+def test_index_save_and_load(tmp_path: Path) -> None:
+    index = make_index()
+    index.save(str(tmp_path))
+    assert DatasetIndex.load(str(tmp_path)) == index
+    with pytest.raises(DatasetIndexError, match="does not exist"):
+        DatasetIndex.load(str(tmp_path / "elsewhere"))
+
+
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 0, "1", None])
+def test_index_version_refused(version: Any) -> None:
+    changed = document(make_index())
+    changed["version"] = version
+    with pytest.raises(DatasetIndexError, match="version") as caught:
+        DatasetIndex.from_json(json.dumps(changed), "data/index.json")
+    assert "upgrade" in str(caught.value) and "data/index.json" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../outside.tar",
+        "shards/../../outside.tar",
+        "/etc/shard.tar",
+        "s3://other-bucket/shard.tar",
+    ],
+)
+@pytest.mark.parametrize("which", ["path", "table"])
+def test_index_shard_path_leaving_dataset_refused(path: str, which: str) -> None:
+    changed = document(make_index())
+    changed["shards"][1][which] = path
+    with pytest.raises(DatasetIndexError, match="leaves the dataset"):
+        DatasetIndex.from_json(json.dumps(changed))
+
+
+def test_index_refusals() -> None:
+    def refused(change: Any, match: str) -> None:
+        changed = document(make_index())
+        change(changed)
+        with pytest.raises(DatasetIndexError, match=match):
+            DatasetIndex.from_json(json.dumps(changed))
+
+    refused(lambda d: d.update(num_samples=18), "declares 18 samples but its shards hold 17")
+    refused(lambda d: d.update(format="zip"), "unknown shard format")
+    refused(lambda d: d["shards"][0].update(bytes=-1), "negative size")
+
+    def negative_samples(changed: dict[str, Any]) -> None:
+        changed["shards"][0]["samples"] = -3
+        changed["num_samples"] = 4
+
+    refused(negative_samples, "negative size")
+    refused(lambda d: d["shards"][0].pop("checksum"), "malformed")
+    refused(lambda d: d["shards"][0].update(colour="red"), "malformed")
+    refused(lambda d: d.pop("fields"), "malformed")
+    refused(lambda d: d["fields"][0].update(kind="movie"), "malformed")
+    refused(lambda d: d["fields"][0].update(name="__key__"), "malformed")
+    for text in ("{not json", "[1, 2]", b"\xff\xfe"):
+        with pytest.raises(DatasetIndexError):
+            DatasetIndex.from_json(text)
+
+
+def test_index_without_declared_count_is_accepted() -> None:
+    changed = document(make_index())
+    del changed["num_samples"]
+    assert DatasetIndex.from_json(json.dumps(changed)).num_samples == 17
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample tables
+
+
+def test_sample_table_round_trip_with_unicode_keys() -> None:
+    keys = ["a", "ünïcødé/ключ", "键/𝔘𝔫𝔦", "", "emoji 🎉", "x" * 300]
+    table = make_table(keys)
+    loaded = SampleTable.from_bytes(table.to_bytes(), "t.samples.npz", num_fields=2)
+    assert loaded.keys == keys
+    for name in ("offsets", "sizes", "digests", "field_offsets", "field_sizes"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(table, name), err_msg=name)
+    assert loaded.digests.dtype == np.uint64 and loaded.digests[-1] == np.uint64(5 * 2**61)
+    assert loaded.field_span(len(keys) // 2, 1) is None
+    assert loaded.field_span(0, 1) == (512 + 1024, 100)
+
+
+def test_sample_table_round_trip_empty_and_row_groups() -> None:
+    empty = SampleTable.from_bytes(SampleTable.empty(3).to_bytes(), "e", num_fields=3)
+    assert len(empty) == 0 and empty.field_offsets.shape == (0, 3)
+    table = SampleTable.empty(2)
+    table.row_groups = np.array([[0, 7, 4, 100], [7, 3, 104, 50]], np.int64)
+    table.row_group_digests = np.array([1, 2**64 - 1], np.uint64)
+    loaded = SampleTable.from_bytes(table.to_bytes(), "p", num_fields=2)
+    np.testing.assert_array_equal(loaded.row_groups, table.row_groups)
+    np.testing.assert_array_equal(loaded.row_group_digests, table.row_group_digests)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"garbage bytes, not a zip", b"PK\x03\x04" + b"\0" * 100, npz(other=np.zeros(3))],
+    ids=["empty", "garbage", "broken-zip", "wrong-arrays"],
+)
+def test_sample_table_unreadable(data: bytes) -> None:
+    with pytest.raises(DatasetIndexError, match=r"t\.samples\.npz"):
+        SampleTable.from_bytes(data, "t.samples.npz", num_fields=2)
+
+
+def test_sample_table_truncated() -> None:
+    data = make_table(["a", "b", "c"]).to_bytes()
+    for cut in (len(data) // 3, len(data) - 10):
+        with pytest.raises(DatasetIndexError):
+            SampleTable.from_bytes(data[:cut], "t", num_fields=2)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("field_offsets", np.zeros((3, 3), np.int64), "field_offsets has shape"),
+        ("field_sizes", np.zeros((3,), np.int64), "field_sizes has shape"),
+        ("offsets", np.zeros(2, np.int64), "offsets has shape"),
+        ("digests", np.zeros((3, 1), np.uint64), "digests has shape"),
+        ("row_groups", np.zeros((2, 3), np.int64), "row_groups has shape"),
+        ("row_groups", np.zeros(4, np.int64), "row_groups has shape"),
+        ("offsets", np.array([0, -2048, 4096], np.int64), "negative"),
+        ("sizes", np.array([1, 1, -1], np.int64), "negative"),
+        ("key_ends", np.array([1, 2, 9], np.int64), "key"),
+        ("key_ends", np.array([2, 1, 3], np.int64), "key"),
+        ("key_blob", np.frombuffer(b"a\xffc", np.uint8), "malformed"),
+    ],
+)
+def test_sample_table_inconsistent(name: str, value: np.ndarray, match: str) -> None:
+    arrays = table_arrays(make_table(["a", "b", "c"]))
+    arrays[name] = value
+    with pytest.raises(DatasetIndexError, match=match):
+        SampleTable.from_bytes(npz(**arrays), "t", num_fields=2)
+
+
+def test_sample_table_built_with_wrong_shapes() -> None:
+    table = make_table(["a", "b"], num_fields=3)
+    with pytest.raises(DatasetIndexError, match=r"expected \(2, 2\)"):
+        SampleTable.from_bytes(table.to_bytes(), "t", num_fields=2)
+
+
+def test_sample_table_key_ends_of_wrong_dtype() -> None:
+    arrays = table_arrays(make_table(["a", "b", "c"]))
+    arrays["key_ends"] = arrays["key_ends"].astype(np.float64)
+    with pytest.raises(DatasetIndexError):
+        SampleTable.from_bytes(npz(**arrays), "t", num_fields=2)
+
+
+@pytest.mark.parametrize("name", ["key_blob", "offsets", "digests"])
+def test_sample_table_object_arrays_never_unpickled(name: str) -> None:
+    arrays: dict[str, np.ndarray] = table_arrays(make_table(["a", "b", "c"]))
+    arrays[name] = np.array([{"a": 1}, None, "x"], dtype=object)
+    data = npz(**arrays)  # np.savez pickles object arrays
+    with pytest.raises(DatasetIndexError, match="allow_pickle"):
+        SampleTable.from_bytes(data, "t", num_fields=2)
+
+
+def test_load_table_checks_index_entry(tmp_path: Path) -> None:
+    table = make_table(["a", "b", "c"])
+    data = table.to_bytes()
+    entry = shard_entry(0, samples=3)
+    entry.table_bytes, entry.table_checksum = len(data), checksum(data)
+    (tmp_path / entry.table).parent.mkdir(parents=True)
+    (tmp_path / entry.table).write_bytes(data)
+    index = DatasetIndex(format="tar", fields=list(FIELDS), shards=[entry])
+    assert load_table(str(tmp_path), index, entry).keys == ["a", "b", "c"]
+
+    entry.samples = 4
+    with pytest.raises(DatasetIndexError, match="lists 3 samples"):
+        load_table(str(tmp_path), index, entry)
+    entry.samples = 3
+    (tmp_path / entry.table).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(DatasetIndexError, match=r"does not match index\.json"):
+        load_table(str(tmp_path), index, entry)

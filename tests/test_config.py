@@ -1,0 +1,169 @@
+"""Typed configs: every file in configs/ loads; unknown keys, bad types and bad numbers are
+errors that say what to fix; CLI overrides reach any field."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from dataflow.config import (
+    ByteSize,
+    ConfigError,
+    apply_overrides,
+    dumps_toml,
+    format_bytes,
+    load_config,
+    parse_bytes,
+    split_overrides,
+    to_dict,
+)
+from trainer.config import Config, load
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+
+
+def test_there_are_configs() -> None:
+    assert len(CONFIGS) >= 4
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_every_config_file_loads(path: Path) -> None:
+    config = load(path)
+    assert isinstance(config, Config)
+
+
+def test_unknown_key_names_the_nearest_valid_one(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[convert]\nmax_shard_byte = 100000\n")
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    message = str(caught.value)
+    assert "max_shard_byte" in message and "did you mean 'max_shard_bytes'" in message
+    assert str(path) in message
+
+
+def test_unknown_section_names_the_nearest_valid_one(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[storag]\nconnections = 4\n")
+    with pytest.raises(ConfigError, match="did you mean 'storage'"):
+        load(path)
+
+
+def test_wrong_type_names_field_and_value(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[storage]\nconnections = "many"\n')
+    with pytest.raises(ConfigError, match=r"storage\.connections must be an integer, got 'many'"):
+        load(path)
+
+
+def test_validation_error_carries_the_numbers() -> None:
+    with pytest.raises(ConfigError, match="connections must be >= 1, got 0"):
+        load(None, ["storage.connections=0"])
+    with pytest.raises(ConfigError, match="must be at least 4096 bytes, got 100"):
+        load(None, ["storage.range_size=100"])
+
+
+def test_literal_choice_suggests_the_closest() -> None:
+    with pytest.raises(ConfigError, match="did you mean 'parquet'"):
+        load(None, ["convert.format=parquett"])
+
+
+def test_overrides_reach_any_field_and_parse_toml_values() -> None:
+    config = load(
+        None,
+        [
+            "storage.connections=32",
+            "storage.endpoint_url=http://127.0.0.1:9000",
+            "storage.range_size=16MiB",
+            "convert.shuffle=false",
+            "convert.fields=['a', 'b']",
+            "convert.output=123",  # a string field keeps a numeric-looking value as text
+        ],
+    )
+    assert config.storage.connections == 32
+    assert config.storage.endpoint_url == "http://127.0.0.1:9000"
+    assert config.storage.range_size == 16 * 1024 * 1024
+    assert config.convert.shuffle is False
+    assert config.convert.fields == ["a", "b"]
+    assert config.convert.output == "123"
+
+
+def test_overrides_win_over_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[storage]\nconnections = 4\n")
+    assert load(path, ["storage.connections=9"]).storage.connections == 9
+
+
+def test_split_overrides_separates_dotted_flags() -> None:
+    rest, overrides = split_overrides(["--input", "x", "--storage.connections=3", "--quiet"])
+    assert rest == ["--input", "x", "--quiet"]
+    assert overrides == ["storage.connections=3"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("256MB", 256_000_000),
+        ("8MiB", 8 * 1024**2),
+        ("64k", 64_000),
+        ("1.5GiB", int(1.5 * 1024**3)),
+        (4096, 4096),
+        ("4096", 4096),
+    ],
+)
+def test_parse_bytes(text: str | int, expected: int) -> None:
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "12 parsecs", "-5MB", True, 1.5])
+def test_parse_bytes_refuses_nonsense(text: object) -> None:
+    with pytest.raises(ConfigError):
+        parse_bytes(text)  # type: ignore[arg-type]
+
+
+def test_format_bytes() -> None:
+    assert format_bytes(512) == "512 B"
+    assert format_bytes(8 * 1024**2) == "8.0 MiB"
+
+
+def test_override_syntax_errors() -> None:
+    with pytest.raises(ConfigError, match=r"section\.key=value"):
+        apply_overrides({}, ["storage.connections"])
+    with pytest.raises(ConfigError, match="not a section"):
+        apply_overrides({"storage": 3}, ["storage.connections=1"])
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[storage\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(broken)
+
+
+@dataclass(kw_only=True)
+class _Inner:
+    size: ByteSize = 10
+    names: list[str] = field(default_factory=list)
+    ratio: float | None = None
+
+
+@dataclass(kw_only=True)
+class _Outer:
+    inner: _Inner = field(default_factory=_Inner)
+    flag: bool = False
+
+
+def test_dump_and_reload_round_trip(tmp_path: Path) -> None:
+    config = load_config(_Outer, None, ["inner.size=2KiB", "inner.names=['x']", "flag=true"])
+    path = tmp_path / "round.toml"
+    path.write_text(dumps_toml(to_dict(config)))
+    assert load_config(_Outer, path) == config
+
+
+def test_bool_is_not_an_int() -> None:
+    with pytest.raises(ConfigError, match="must be an integer"):
+        load(None, ["storage.connections=true"])

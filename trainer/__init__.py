@@ -1,0 +1,1 @@
+"""shardflow's training library; it builds on ``dataflow`` and owns the root config."""

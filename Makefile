@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints-dev.txt | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints-dev.txt dataflow/decode/_roijpeg.c | cksum | cut -d' ' -f1)
 
 .PHONY: demo test lint typecheck pytest venv clean bench-convert
 
@@ -12,7 +12,10 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml constraints-dev.txt
+$(STAMP): $(PY) pyproject.toml setup.py constraints-dev.txt dataflow/decode/_roijpeg.c
+	@# libjpeg-turbo's headers for the optional ROI-decode extension (skipped if unavailable)
+	@[ -f /usr/include/jpeglib.h ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+		|| apt-get install -y -qq libjpeg62-turbo-dev >/dev/null 2>&1 || true
 	$(PIP) install --quiet -c constraints-dev.txt torch==2.13.0
 	$(PIP) install --quiet -c constraints-dev.txt -e '.[dev]'
 	rm -f $(VENV)/.installed-*

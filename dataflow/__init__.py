@@ -1,8 +1,19 @@
-"""shardflow's data library: index, shard formats, storage, conversion and (soon) the loader.
+"""shardflow's data library: index, shard formats, storage, conversion and the loader.
 
 ``dataflow`` never imports ``trainer``; the trainer builds on it.
 """
 
+from typing import Any
+
 from dataflow.index import DatasetIndex, Field, SampleTable, ShardEntry
 
-__all__ = ["DatasetIndex", "Field", "SampleTable", "ShardEntry"]
+__all__ = ["DataConfig", "DatasetIndex", "Field", "Loader", "SampleTable", "ShardEntry"]
+
+
+def __getattr__(name: str) -> Any:
+    # The loader imports torch (~1 s); conversion tools and their workers never need it.
+    if name in ("Loader", "DataConfig"):
+        from dataflow import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'dataflow' has no attribute {name!r}")

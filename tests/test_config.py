@@ -167,3 +167,14 @@ def test_dump_and_reload_round_trip(tmp_path: Path) -> None:
 def test_bool_is_not_an_int() -> None:
     with pytest.raises(ConfigError, match="must be an integer"):
         load(None, ["storage.connections=true"])
+
+
+def test_data_section_validation() -> None:
+    config = load(None, ["data.global_batch=512", "data.crop_scale=[0.2, 1.0]"])
+    assert config.data.global_batch == 512 and config.data.crop_scale == [0.2, 1.0]
+    with pytest.raises(ConfigError, match="global_batch must be >= 1, got 0"):
+        load(None, ["data.global_batch=0"])
+    with pytest.raises(ConfigError, match=r"crop_scale must be \[min, max\] within \(0, 1\]"):
+        load(None, ["data.crop_scale=[0.5, 2.0]"])
+    with pytest.raises(ConfigError, match="did you mean 'on_bad_sample'"):
+        load(None, ["data.on_bad_samples=skip"])

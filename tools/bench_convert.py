@@ -38,7 +38,6 @@ import datetime
 import json
 import multiprocessing
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -48,27 +47,27 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from importlib import metadata
 
 import _cli
 import webdataset as wds
+from _bench import (
+    SEED,
+    BenchmarkError,
+    list_images,
+    machine,
+    plot_bars,
+    prepare_photos,
+    read_all,
+)
 
 from dataflow.config import format_bytes
 from dataflow.convert.config import ConvertConfig
-from dataflow.errors import DataError
 from dataflow.index import DatasetIndex
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEER_PYTHON = os.path.join(REPO, ".venv-peers", "bin", "python")
 LITDATA_SCRIPT = os.path.join(REPO, "tools", "peers", "litdata_convert.py")
 SHARD_BYTES = 64_000_000
-SEED = 0
-IMAGE_SUFFIXES = (".jpg", ".jpeg")
-MARKER = ".shardflow-bench"  # in a data dir this benchmark wrote, and so may rewrite
-
-
-class BenchmarkError(DataError):
-    """A method's output does not hold every input sample, or a peer failed to run."""
 
 
 @dataclass
@@ -88,55 +87,6 @@ class Result:
 
 # ---------------------------------------------------------------------------------------------
 # Input
-
-
-def list_images(root: str) -> list[tuple[str, int]]:
-    """(path, label) for ``root/<class>/<image>``; label = class folder's sorted position."""
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    files = []
-    for label, name in enumerate(classes):
-        folder = os.path.join(root, name)
-        for file_name in sorted(os.listdir(folder)):
-            if file_name.lower().endswith(IMAGE_SUFFIXES):
-                files.append((os.path.join(folder, file_name), label))
-    return files
-
-
-def prepare_photos(data_dir: str, count: int, quiet: bool) -> list[tuple[str, int]]:
-    """The photo folder at ``data_dir``, written unless it already holds ``count`` photos."""
-    marker = os.path.join(data_dir, MARKER)
-    if os.path.isdir(data_dir):
-        files = list_images(data_dir)
-        if len(files) == count:
-            return files
-        if os.path.exists(marker):
-            shutil.rmtree(data_dir)
-        elif os.listdir(data_dir):
-            raise BenchmarkError(
-                f"{data_dir} holds {len(files)} images, not {count}, and was not written by "
-                "this benchmark, so it is left alone",
-                hint="pass --count to match it, or another --data-dir",
-            )
-    from dataflow.datasets import write_photo_folder
-
-    if not quiet:
-        print(f"writing {count} photos into {data_dir} (once; reused by later runs)", flush=True)
-    started = time.perf_counter()
-    write_photo_folder(data_dir, count=count, seed=SEED)
-    with open(marker, "w") as handle:
-        handle.write(f"written by tools/bench_convert.py: {count} photos, seed {SEED}\n")
-    if not quiet:
-        print(f"  done in {time.perf_counter() - started:.0f} s")
-    return list_images(data_dir)
-
-
-def read_all(files: list[tuple[str, int]]) -> int:
-    """Read every file once so that no method pays for a cold page cache."""
-    total = 0
-    for path, _ in files:
-        with open(path, "rb") as handle:
-            total += len(handle.read())
-    return total
 
 
 def folder_bytes(root: str) -> int:
@@ -281,32 +231,6 @@ def run_litdata(
 # Report
 
 
-def machine(cores: list[int]) -> dict[str, object]:
-    cpu_model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu_model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    versions = {}
-    for name in ("shardflow", "webdataset", "numpy", "pillow", "simplejpeg", "xxhash"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = "missing"
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cores_used": cores,
-        "python": platform.python_version(),
-        "packages": versions,
-    }
-
-
 def ratios(results: list[Result]) -> dict[str, dict[str, float]]:
     """ours ÷ peer in images/s, for each of our variants against each peer."""
     ours = [r for r in results if r.method.startswith("ours")]
@@ -337,23 +261,8 @@ def print_table(results: list[Result], count: int, cores: int) -> None:
 
 
 def plot(results: list[Result], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = [r.method for r in results][::-1]
-    rates = [r.images_per_second for r in results][::-1]
-    colors = ["tab:blue" if n.startswith("ours") else "tab:gray" for n in names]
-    figure, axes = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
-    bars = axes.barh(names, rates, color=colors)
-    axes.bar_label(bars, labels=[f"{rate:.0f}" for rate in rates], padding=3)
-    axes.set_xlabel("images/s (higher is better)")
-    axes.set_title(title, fontsize=10)
-    axes.set_xlim(0, max(rates) * 1.15)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    names = [r.method for r in results]
+    plot_bars(names, [r.images_per_second for r in results], path, title, "images/s")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,8 +5,8 @@
 
 Builds scikit-learn's handwritten digits (1,797 real scans, 10 classes) as an image folder,
 starts an S3 server on 127.0.0.1 when the output is s3:// and no endpoint is configured,
-converts the folder into tar shards there, verifies every shard (decoding every image) and
-prints a summary of the dataset.
+converts the folder into tar shards there, verifies every shard (decoding every image),
+prints a summary of the dataset and streams one epoch back through the loader.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import _cli
 from dataflow import storage
 from dataflow.convert.job import convert
 from dataflow.datasets import write_digits_folder
+from dataflow.pipeline import Loader
 from dataflow.storage.local_s3 import LocalS3Server
 from dataflow.summary import describe
 from dataflow.verify import verify_dataset
@@ -36,27 +37,36 @@ def main() -> int:
         output = config.convert.output
         if storage.protocol_of(output) == "s3" and not config.storage.endpoint_url:
             server = stack.enter_context(LocalS3Server())
-            print(f"[1/4] started an embedded S3 server at {server.endpoint_url}")
+            print(f"[1/5] started an embedded S3 server at {server.endpoint_url}")
             config.storage = dataclasses.replace(config.storage, endpoint_url=server.endpoint_url)
         else:
-            print(f"[1/4] using {storage.redact(output)}")
+            print(f"[1/5] using {storage.redact(output)}")
         source = config.convert.input
         if not source:
             source = stack.enter_context(tempfile.TemporaryDirectory(prefix="shardflow-demo-"))
             count = write_digits_folder(source)
-            print(f"[2/4] wrote {count} digit images (scikit-learn, 10 classes) to {source}")
+            print(f"[2/5] wrote {count} digit images (scikit-learn, 10 classes) to {source}")
         convert_config = dataclasses.replace(config.convert, input=source, overwrite=True)
         report = convert(convert_config, config.storage, progress=not args.quiet)
-        print(f"[3/4] converted: {report.summary()}")
+        print(f"[3/5] converted: {report.summary()}")
         check = verify_dataset(output, config.storage, decode=True, progress=not args.quiet)
         for problem in check.problems:
             print(f"BAD {problem}")
         if not check.ok:
             print(f"verify FAILED with {len(check.problems)} problem(s)", file=sys.stderr)
             return 1
-        print(f"[4/4] verified {check.shards} shards, {check.samples} samples, all decoded")
+        print(f"[4/5] verified {check.shards} shards, {check.samples} samples, all decoded")
         print()
         print(describe(output, config.storage))
+        print()
+        data = dataclasses.replace(config.data, url=output)
+        loader = Loader(data, config.storage, rank=0, world_size=1)
+        started_epoch = time.perf_counter()
+        samples = sum(len(batch["__key__"]) for batch in loader)
+        rate = samples / (time.perf_counter() - started_epoch)
+        print(f"[5/5] streamed one epoch back through dataflow.Loader: {samples} samples in "
+              f"{len(loader)} batches of {data.global_batch}, {rate:.0f} samples/s")  # fmt: skip
+        print(loader.metrics_.summary(loader.metrics()))
     print(f"\ndemo finished in {time.perf_counter() - started:.1f} s")
     return 0
 

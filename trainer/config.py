@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dataflow.config import load_config
 from dataflow.convert.config import ConvertConfig
+from dataflow.pipeline.config import DataConfig
 from dataflow.storage.config import StorageConfig
 
 
@@ -21,6 +22,8 @@ class Config:
     """How URLs are read and written: S3 endpoint, timeouts, retries, read sizes."""
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     """tools/convert.py: input, output, shard format and limits, workers, bad-input policy."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The loader: dataset, global batch, order, read-ahead, cache, decode, queues, policy."""
 
 
 def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:

@@ -233,26 +233,46 @@ def _object_size(content_range: str | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
+_LIMITS: dict[int, tuple[asyncio.Semaphore, int]] = {}
+
+
+def _limit(fs: Any, config: StorageConfig) -> asyncio.Semaphore:
+    """One cap on GETs in flight per filesystem (so per process and config), whatever the
+    number of threads calling in: ``connections`` is what the store sees."""
+    entry = _LIMITS.get(id(fs))
+    if entry is None or entry[1] != config.connections:
+        entry = (asyncio.Semaphore(config.connections), config.connections)
+        _LIMITS[id(fs)] = entry
+    return entry[0]
+
+
 async def _s3_read_range(
     fs: Any, url: str, start: int, end: int | None, config: StorageConfig
 ) -> bytes:
+    limit = _limit(fs, config)
     if end is None or end - start <= config.range_size:
-        return await _s3_read_piece(fs, url, start, end, config, [])
-    # Split into range_size pieces over up to `connections` concurrent GETs. The first piece
-    # runs alone so its ETag pins the object version for all the others.
-    etag: list[str] = []
-    bounds = list(range(start, end, config.range_size))
-    first = await _s3_read_piece(fs, url, start, min(end, start + config.range_size), config, etag)
-    limit = asyncio.Semaphore(config.connections)
-
-    async def piece(offset: int) -> bytes:
         async with limit:
-            return await _s3_read_piece(
-                fs, url, offset, min(end, offset + config.range_size), config, etag
-            )
+            return await _s3_read_piece(fs, url, start, end, config, [])
+    # range_size pieces, all in flight at once (within the connection cap). Each piece pins
+    # the version it started on (If-Match on resume); pieces that saw different versions
+    # mean the object was replaced mid-read, so the whole range is read again.
+    bounds = list(range(start, end, config.range_size))
+    for _ in range(config.max_attempts):
+        tags: list[list[str]] = [[] for _ in bounds]
 
-    rest = await asyncio.gather(*(piece(offset) for offset in bounds[1:]))
-    return b"".join([first, *rest])
+        async def piece(offset: int, tag: list[str]) -> bytes:
+            async with limit:
+                return await _s3_read_piece(
+                    fs, url, offset, min(end, offset + config.range_size), config, tag
+                )
+
+        parts = await asyncio.gather(*(piece(o, t) for o, t in zip(bounds, tags, strict=True)))
+        if len({tag[0] for tag in tags if tag}) <= 1:
+            return b"".join(parts)
+    raise StorageError(
+        url, "the object kept changing while it was read", attempts=config.max_attempts,
+        byte_range=(start, end),
+    )  # fmt: skip
 
 
 def _local_read_range(path: str, start: int, end: int | None, config: StorageConfig) -> bytes:
@@ -307,13 +327,9 @@ def read_ranges(
     fs = filesystem(url, config)
 
     async def gather() -> list[bytes]:
-        limit = asyncio.Semaphore(config.connections)
-
-        async def one(start: int, end: int) -> bytes:
-            async with limit:
-                return await _s3_read_range(fs, url, start, end, config)
-
-        return list(await asyncio.gather(*(one(s, e) for s, e in ranges)))
+        return list(
+            await asyncio.gather(*(_s3_read_range(fs, url, s, e, config) for s, e in ranges))
+        )
 
     return typing.cast(list[bytes], sync(fs.loop, gather))
 

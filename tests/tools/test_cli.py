@@ -89,3 +89,6 @@ def test_demo_runs_end_to_end() -> None:
     assert "started an embedded S3 server at http://127.0.0.1:" in result.stdout
     assert "verified 8 shards, 1797 samples, all decoded" in result.stdout
     assert "samples      1,797" in result.stdout
+    assert "streamed one epoch back through dataflow.Loader: 1792 samples in 28 batches" in (
+        result.stdout
+    )

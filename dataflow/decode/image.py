@@ -1,0 +1,179 @@
+"""CPU image decode + augment: random-resized-crop, flip, written straight into a batch slot.
+
+Per sample: pick the crop on the JPEG header's size (torchvision's RandomResizedCrop rule:
+up to 10 tries of area ∈ ``scale`` and log-uniform aspect ∈ ``ratio``, else the central
+crop), then decode *only the crop* (the ``_roijpeg`` C extension on libjpeg-turbo: rows
+above it skipped without inverse DCT, columns outside cut at iMCU boundaries, nothing below
+it decoded) at the smallest DCT scale (1/8 … 1) that keeps the crop at least as large as
+the output, and resize with OpenCV (bilinear; area when shrinking by > 2×) into the
+preallocated ``uint8`` HWC slot of the batch, mirrored when the flip says so. Pixels are
+identical to cropping a full decode; a random-resized crop costs ~60 % of a full decode
+(measured: 359 µs vs 592 µs on ~33 KB photos). Without the extension, simplejpeg decodes
+the whole image. Non-JPEGs decode through Pillow. The randomness comes from a generator
+seeded by (seed, epoch, sample id), so a sample gets the same crop whichever thread decodes
+it, and after a resume.
+
+Trade-off: damage in a JPEG below (or beside) the crop goes unnoticed, as it is never
+decoded; conversion's ``validate_images = "decode"`` and the per-sample checksums are the
+guards against bad bytes. The decoders and OpenCV release the GIL, so a thread pool decodes
+in parallel without pickling images between processes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from dataflow.formats.codec import decode_image, is_jpeg
+
+_roijpeg: Any
+try:  # the optional C extension (setup.py): decode only the crop
+    _roijpeg = importlib.import_module("dataflow.decode._roijpeg")
+except ImportError:  # pragma: no cover - built wherever libjpeg-turbo's headers exist
+    _roijpeg = None
+
+cv2: Any
+try:
+    import cv2
+
+    cv2.setNumThreads(1)  # parallelism comes from our pool; OpenCV's own would oversubscribe
+except ImportError:  # pragma: no cover - opencv-python-headless is a dependency
+    cv2 = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageAugment:
+    size: int = 224
+    """Output height and width."""
+    scale: tuple[float, float] = (0.08, 1.0)
+    """Crop area as a fraction of the image (training); ignored when ``train`` is False."""
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Crop aspect ratio range."""
+    flip: bool = True
+    """Mirror horizontally with probability 1/2 (training)."""
+    train: bool = True
+    """False: deterministic evaluation transform (resize shorter side, central crop)."""
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError(f"image size must be >= 1, got {self.size}")
+        if not 0 < self.scale[0] <= self.scale[1] <= 1:
+            raise ValueError(f"crop scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0 < self.ratio[0] <= self.ratio[1]:
+            raise ValueError(f"crop ratio must satisfy 0 < min <= max, got {self.ratio}")
+
+
+def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
+    """(height, width) from a JPEG header without decoding."""
+    import simplejpeg
+
+    height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    return int(height), int(width)
+
+
+def crop_box(
+    height: int, width: int, augment: ImageAugment, rng: np.random.Generator
+) -> tuple[int, int, int, int, bool]:
+    """(top, left, crop height, crop width, flip) for one sample."""
+    if not augment.train:
+        side = min(height, width) * 0.875  # the customary 224/256 central crop
+        crop_h = crop_w = max(1, round(side))
+        return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w, False
+    area = height * width
+    log_ratio = (math.log(augment.ratio[0]), math.log(augment.ratio[1]))
+    for _ in range(10):
+        target = area * rng.uniform(augment.scale[0], augment.scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_w = round(math.sqrt(target * aspect))
+        crop_h = round(math.sqrt(target / aspect))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = int(rng.integers(0, height - crop_h + 1))
+            left = int(rng.integers(0, width - crop_w + 1))
+            return top, left, crop_h, crop_w, augment.flip and bool(rng.random() < 0.5)
+    aspect_now = width / height
+    if aspect_now < augment.ratio[0]:
+        crop_w, crop_h = width, round(width / augment.ratio[0])
+    elif aspect_now > augment.ratio[1]:
+        crop_h, crop_w = height, round(height * augment.ratio[1])
+    else:
+        crop_h, crop_w = height, width
+    flip = augment.flip and bool(rng.random() < 0.5)
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w, flip
+
+
+def _dct_scale(crop_h: int, crop_w: int, size: int) -> int:
+    """Largest denominator d in (8, 4, 2, 1) with the crop still >= size after 1/d."""
+    for denominator in (8, 4, 2):
+        if crop_h // denominator >= size and crop_w // denominator >= size:
+            return denominator
+    return 1
+
+
+def _resize_into(region: np.ndarray, out: np.ndarray, flip: bool) -> None:
+    size_h, size_w = out.shape[:2]
+    if cv2 is not None:
+        shrink = region.shape[0] > 2 * size_h and region.shape[1] > 2 * size_w
+        interpolation = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+        if region.shape[0] == size_h and region.shape[1] == size_w:
+            out[...] = region
+        else:
+            cv2.resize(region, (size_w, size_h), dst=out, interpolation=interpolation)
+        if flip:
+            cv2.flip(out, 1, dst=out)  # in place; numpy's overlapping [:, ::-1] copy is 50× slower
+        return
+    from PIL import Image  # pragma: no cover - fallback without OpenCV
+
+    image = Image.fromarray(np.ascontiguousarray(region)).resize((size_w, size_h))
+    out[...] = np.asarray(image)[:, ::-1] if flip else np.asarray(image)
+
+
+def decode_augment_into(
+    data: bytes | memoryview, augment: ImageAugment, rng: np.random.Generator, out: np.ndarray
+) -> None:
+    """Decode ``data``, crop, resize and flip into ``out`` (uint8, size × size × 3).
+
+    Raises ``ValueError`` for data that is not a complete, decodable image.
+    """
+    if is_jpeg(data):
+        import simplejpeg
+
+        try:
+            height, width = jpeg_size(data)
+        except ValueError as error:
+            raise ValueError(f"undecodable JPEG header: {error}") from None
+        top, left, crop_h, crop_w, flip = crop_box(height, width, augment, rng)
+        denominator = _dct_scale(crop_h, crop_w, augment.size)
+        if _roijpeg is not None:
+            try:
+                pixels, rows, cols = _roijpeg.decode_crop(
+                    data, top, left, crop_h, crop_w, denominator
+                )
+            except ValueError as error:
+                raise ValueError(str(error)) from None
+            region = np.frombuffer(pixels, np.uint8).reshape(rows, cols, 3)
+            _resize_into(region, out, flip)
+            return
+        try:
+            if denominator == 1:
+                image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+            else:
+                image = simplejpeg.decode_jpeg(
+                    data, colorspace="RGB", strict=True,
+                    min_height=-(-height // denominator), min_width=-(-width // denominator),
+                )  # fmt: skip
+        except (ValueError, RuntimeError) as error:
+            raise ValueError(f"undecodable JPEG: {error}") from None
+        factor_h, factor_w = image.shape[0] / height, image.shape[1] / width
+        region = image[
+            int(top * factor_h) : max(int(top * factor_h) + 1, int((top + crop_h) * factor_h)),
+            int(left * factor_w) : max(int(left * factor_w) + 1, int((left + crop_w) * factor_w)),
+        ]
+        _resize_into(region, out, flip)
+        return
+    image = decode_image(data)
+    top, left, crop_h, crop_w, flip = crop_box(image.shape[0], image.shape[1], augment, rng)
+    _resize_into(image[top : top + crop_h, left : left + crop_w], out, flip)

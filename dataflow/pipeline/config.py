@@ -1,0 +1,70 @@
+"""Loader knobs: dataset, global batch, order, read-ahead, cache, decode, queues, policy."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from dataflow.config import ByteSize
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    url: str = ""
+    """Dataset root (holds index.json): a local path or an s3:// URL."""
+    global_batch: int = 256
+    """Samples per step across all ranks; each rank takes global_batch / world_size."""
+    seed: int = 0
+    """Seed of the epoch order and of the augmentations."""
+    shuffle: bool = True
+    """Shuffle shards and samples each epoch (False: index order, for evaluation)."""
+    shuffle_window: int = 8
+    """Shards whose samples are mixed together (quality ↑, shards held in memory ↑)."""
+    drop_last: bool = True
+    """Drop the last incomplete global batch; False pads it with repeats (marked invalid)."""
+    readahead_shards: int = 4
+    """Shards fetched ahead of the ones being decoded."""
+    fetch_workers: int = 4
+    """Shards fetched concurrently (each split into ranged GETs over storage.connections)."""
+    cache_dir: str = ""
+    """Node-local shard cache shared by the processes of a node; empty: no disk cache."""
+    cache_bytes: ByteSize = 20_000_000_000
+    """Cap on the cache directory's shards; least recently used are evicted."""
+    decode_workers: int = 2
+    """Decode threads (simplejpeg and OpenCV release the GIL)."""
+    prefetch_batches: int = 4
+    """Batches decoded ahead of the consumer (bounds memory: this × batch bytes)."""
+    image_field: str = ""
+    """Field holding the image; empty: the first image field of the index."""
+    label_field: str = "cls"
+    """Integer label field; empty or absent from the index: no labels."""
+    image_size: int = 224
+    """Output height and width of images."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """Random-resized-crop area range (fraction of the image)."""
+    crop_ratio: list[float] = field(default_factory=lambda: [0.75, 4 / 3])
+    """Random-resized-crop aspect-ratio range."""
+    flip: bool = True
+    """Random horizontal flip."""
+    augment: bool = True
+    """False: evaluation transform (resize + central crop, no flip)."""
+    on_bad_sample: Literal["raise", "skip"] = "raise"
+    """Corrupt sample or shard: stop naming shard, key and offset, or skip, count and record."""
+    audit: bool = False
+    """Append epoch<TAB>step<TAB>key of every delivered sample to {out_dir}/audit/rank-R.tsv."""
+    out_dir: str = "out"
+    """Where the audit log goes."""
+    device: str = ""
+    """'cuda' (or 'cuda:N'): copy batches on a side CUDA stream; empty: stay on the CPU."""
+
+    def __post_init__(self) -> None:
+        for name in ("global_batch", "shuffle_window", "fetch_workers", "decode_workers",
+                     "prefetch_batches", "image_size"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.readahead_shards < 0:
+            raise ValueError(f"readahead_shards must be >= 0, got {self.readahead_shards}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must be [min, max] within (0, 1], got {self.crop_scale}")
+        if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError(f"crop_ratio must be [min, max] > 0, got {self.crop_ratio}")

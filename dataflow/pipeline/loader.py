@@ -1,0 +1,562 @@
+"""``Loader``: the composed pipeline — order → read-ahead → decode → batch → (device).
+
+Threads and queues (each bounded by a config knob):
+
+    producer ─ plans step s (dataflow.order), schedules shard fetches ahead
+       │           fetch pool (fetch_workers): ShardFetcher.fetch → ShardView, via the cache
+       ▼
+    decode pool (decode_workers) ─ decodes the samples of step s into one preallocated
+       │                           uint8 batch array, chunk by chunk
+       ▼
+    batch queue (prefetch_batches) ─▶ consumer (__next__): waits, assembles, audits
+
+Shards are needed in the order of the epoch's shard permutation, block by block; the
+producer keeps the shards of the blocks that the current global batch touches plus
+``readahead_shards`` more in flight, and drops a shard once the global position has passed
+its block. Memory is therefore bounded by (shuffle_window + readahead_shards) shards plus
+``prefetch_batches`` batches, whatever the dataset size.
+
+Exactness: batches are positions of the global order (pure in seed and epoch), the crop of
+a sample is seeded by (seed, epoch, sample id), and the state is (epoch, steps delivered),
+so a resumed loader — at any world size with the same global batch — yields exactly what an
+uninterrupted one would have. Bad samples follow ``on_bad_sample``: raise with shard, key
+and offset, or skip (the batch is one shorter; the skip is counted, logged and kept in the
+state so that a resumed run skips the same samples).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import torch
+import xxhash
+
+from dataflow import storage
+from dataflow.decode.image import ImageAugment, decode_augment_into
+from dataflow.errors import BadSampleError, DataError
+from dataflow.formats import codec
+from dataflow.index import DatasetIndex
+from dataflow.metrics import PipelineMetrics
+from dataflow.order import EpochOrder, num_batches, rank_batch
+from dataflow.pipeline.config import DataConfig
+from dataflow.pipeline.device import prefetch_to_device
+from dataflow.pipeline.shards import ShardFetcher, ShardView
+from dataflow.storage import StorageConfig
+from dataflow.storage.cache import ShardCache
+
+log = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    """Explicit values, else torch.distributed's, else $RANK/$WORLD_SIZE, else (0, 1)."""
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@dataclass
+class _Job:
+    step: int
+    samples: np.ndarray
+    valid: np.ndarray
+    shards: np.ndarray
+    rows: np.ndarray
+    views: dict[int, concurrent.futures.Future[ShardView]]
+    images: np.ndarray | None
+    labels: np.ndarray
+    ok: np.ndarray
+    extras: list[dict[str, Any]]
+    keys: list[str]
+    chunks: list[concurrent.futures.Future[None]]
+
+
+_END: Final = object()
+
+
+class Loader:
+    """Iterate batches of a converted dataset; see the module docstring.
+
+    Batches are dicts: ``image`` (uint8 tensor, N×H×W×3), ``label`` (int64, N), ``__key__``
+    (list of keys), ``__valid__`` (bool, N: False for padding), plus any other fields.
+    """
+
+    STATE_EPOCH: Final = "epoch"
+    STATE_STEP: Final = "step"
+    STATE_SEED: Final = "seed"
+    STATE_GLOBAL_BATCH: Final = "global_batch"
+    STATE_DATASET: Final = "dataset"
+    STATE_SKIPPED: Final = "skipped"
+
+    def __init__(
+        self,
+        config: DataConfig,
+        storage_config: StorageConfig | None = None,
+        *,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if not config.url:
+            raise DataError("data.url is empty", hint="point it at a dataset's root")
+        self.config = config
+        self.storage_config = storage_config or StorageConfig()
+        self.rank, self.world_size = resolve_rank(rank, world_size)
+        if config.global_batch % self.world_size:
+            raise ValueError(
+                f"data.global_batch {config.global_batch} does not split over "
+                f"{self.world_size} ranks; choose a multiple of the world size"
+            )
+        self.root = storage.normalize_url(config.url)
+        self.index = DatasetIndex.load(self.root, config=self.storage_config)
+        if self.index.num_samples == 0:
+            raise DataError(f"{storage.redact(self.root)} holds no samples")
+        names = [f.name for f in self.index.fields]
+        image_fields = [f.name for f in self.index.fields if f.kind == "image"]
+        self.image_fields = [config.image_field] if config.image_field else image_fields
+        for name in self.image_fields:
+            if name not in names:
+                raise DataError(f"no field {name!r} in the dataset; fields: {names}")
+        self.label_field = config.label_field if config.label_field in names else ""
+        self.augment = ImageAugment(
+            size=config.image_size,
+            scale=(config.crop_scale[0], config.crop_scale[1]),
+            ratio=(config.crop_ratio[0], config.crop_ratio[1]),
+            flip=config.flip,
+            train=config.augment,
+        )
+        self.dataset_id = xxhash.xxh64(
+            "".join(s.checksum for s in self.index.shards).encode()
+        ).hexdigest()
+        self.sizes = [s.samples for s in self.index.shards]
+        self.epoch = 0
+        self.step = 0
+        self.skipped: list[tuple[int, str, str]] = []
+        self._skip_keys: set[tuple[int, str]] = set()
+        self.metrics_ = PipelineMetrics()
+        self._fetch_stage = self.metrics_.stage("fetch", config.fetch_workers)
+        self._decode_stage = self.metrics_.stage("decode", config.decode_workers)
+        self._queue: queue.Queue[Any] | None = None
+        self._batch_stage = self.metrics_.stage(
+            "batch", 1, lambda: self._queue.qsize() if self._queue is not None else 0
+        )
+        cache = ShardCache(config.cache_dir, config.cache_bytes) if config.cache_dir else None
+        self.cache = cache
+        self._fetcher = ShardFetcher(
+            self.root, self.index, self.storage_config, cache=cache,
+            metrics=self._fetch_stage, skip_bad=config.on_bad_sample == "skip",
+        )  # fmt: skip
+        self._audit_path = (
+            os.path.join(config.out_dir, "audit", f"rank-{self.rank}.tsv") if config.audit else ""
+        )
+        self._active: _Run | None = None
+        self.device: torch.device | None = None
+        if config.device:
+            self.device = torch.device(config.device)
+            if self.device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(
+                    f"data.device = {config.device!r} but CUDA is not available here; "
+                    "leave it empty to stay on the CPU"
+                )
+
+    # -----------------------------------------------------------------------------------------
+    # Public API
+
+    def __len__(self) -> int:
+        return num_batches(self.index.num_samples, self.config.global_batch, self.config.drop_last)
+
+    @property
+    def per_rank_batch(self) -> int:
+        return self.config.global_batch // self.world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start epoch ``epoch`` at its first batch (a no-op if already there or inside it)."""
+        if epoch != self.epoch:
+            self.epoch, self.step = epoch, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact position: batches delivered so far in this epoch, and what was skipped.
+
+        Taken after a step, it also completes that step in the audit log, so the log and the
+        checkpoint always agree.
+        """
+        if self._active is not None:
+            self._active._flush_audit()
+        return {
+            self.STATE_EPOCH: self.epoch,
+            self.STATE_STEP: self.step,
+            self.STATE_SEED: self.config.seed,
+            self.STATE_GLOBAL_BATCH: self.config.global_batch,
+            self.STATE_DATASET: self.dataset_id,
+            self.STATE_SKIPPED: [list(s) for s in self.skipped],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        missing = {self.STATE_EPOCH, self.STATE_STEP, self.STATE_SEED} - set(state)
+        if missing:
+            raise ValueError(f"loader state lacks {sorted(missing)}; was it saved by Loader?")
+        for key, mine in (
+            (self.STATE_SEED, self.config.seed),
+            (self.STATE_GLOBAL_BATCH, self.config.global_batch),
+            (self.STATE_DATASET, self.dataset_id),
+        ):
+            if key in state and state[key] != mine:
+                raise ValueError(
+                    f"cannot resume: the saved {key} is {state[key]!r}, this loader's is "
+                    f"{mine!r} (an exact resume needs the same dataset, seed and global batch)"
+                )
+        self.close()
+        self.epoch = int(state[self.STATE_EPOCH])
+        self.step = int(state[self.STATE_STEP])
+        self.skipped = [(int(e), str(k), str(r)) for e, k, r in state.get(self.STATE_SKIPPED, [])]
+        self._skip_keys = {(e, k) for e, k, _ in self.skipped}
+        if self._audit_path:
+            self._truncate_audit()
+
+    def metrics(self) -> dict[str, Any]:
+        self.metrics_.refetched = self._fetcher.refetched
+        return self.metrics_.snapshot()
+
+    def __iter__(self) -> Iterator[Batch]:
+        self.close()
+        if self.step >= len(self):
+            self.epoch, self.step = self.epoch + 1, 0
+        run = _Run(self, self.epoch, self.step)
+        self._active = run
+        try:
+            if self.device is not None and self.device.type == "cuda":
+                yield from prefetch_to_device(iter(run), self.device)
+            else:
+                yield from run
+        finally:
+            run.close()
+            if self._active is run:
+                self._active = None
+
+    def close(self) -> None:
+        """Stop background threads (iteration restarts from the saved position)."""
+        if self._active is not None:
+            self._active.close()
+            self._active = None
+
+    # -----------------------------------------------------------------------------------------
+    # Audit
+
+    def _write_audit(self, epoch: int, step: int, keys: list[str]) -> None:
+        os.makedirs(os.path.dirname(self._audit_path), exist_ok=True)
+        with open(self._audit_path, "a", encoding="utf-8") as handle:
+            handle.writelines(f"{epoch}\t{step}\t{key}\n" for key in keys)
+
+    def _truncate_audit(self) -> None:
+        """Forget audit lines past the resumed position: they will be delivered again."""
+        if not os.path.exists(self._audit_path):
+            return
+        kept = []
+        with open(self._audit_path, encoding="utf-8") as handle:
+            for line in handle:
+                epoch, step, _ = line.split("\t", 2)
+                if (int(epoch), int(step)) < (self.epoch, self.step):
+                    kept.append(line)
+        with open(self._audit_path, "w", encoding="utf-8") as handle:
+            handle.writelines(kept)
+
+
+class _Run:
+    """One pass over (the rest of) one epoch: owns the threads and queues."""
+
+    def __init__(self, loader: Loader, epoch: int, start_step: int) -> None:
+        self.loader = loader
+        config = loader.config
+        self.epoch = epoch
+        self.order = EpochOrder(
+            loader.sizes, seed=config.seed, epoch=epoch, window=config.shuffle_window,
+            shuffle=config.shuffle,
+        )  # fmt: skip
+        self.steps = len(loader)
+        self.start_step = start_step
+        self.stop = threading.Event()
+        self.fetch_pool = concurrent.futures.ThreadPoolExecutor(
+            config.fetch_workers, thread_name_prefix="shardflow-fetch"
+        )
+        self.decode_pool = concurrent.futures.ThreadPoolExecutor(
+            config.decode_workers, thread_name_prefix="shardflow-decode"
+        )
+        self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
+        loader._queue = self.queue
+        self.views: dict[int, concurrent.futures.Future[ShardView]] = {}
+        self.scheduled_until = 0  # index into order.shard_order
+        self.block_of_shard = np.empty(len(loader.sizes), dtype=np.int64)
+        for number, block in enumerate(self.order.blocks):
+            self.block_of_shard[block] = number
+        self.producer = threading.Thread(
+            target=self._produce, name="shardflow-producer", daemon=True
+        )
+        self.producer.start()
+        self.pending_audit: tuple[int, list[str]] | None = None
+
+    # Producer side -----------------------------------------------------------------------
+
+    def _view(self, shard: int) -> concurrent.futures.Future[ShardView]:
+        future = self.views.get(shard)
+        if future is None:
+            future = self.fetch_pool.submit(self.loader._fetcher.fetch, shard)
+            self.views[shard] = future
+        return future
+
+    def _schedule(self, step: int) -> None:
+        """Fetch the shards this global batch touches plus readahead_shards beyond them."""
+        config = self.loader.config
+        total = self.order.total
+        last_position = min(total - 1, (step + 1) * config.global_batch - 1)
+        last_block = int(np.searchsorted(self.order.block_starts, last_position, "right") - 1)
+        needed_until = min(len(self.order.shard_order), (last_block + 1) * self.order.window)
+        target = min(len(self.order.shard_order), needed_until + config.readahead_shards)
+        while self.scheduled_until < target:
+            self._view(int(self.order.shard_order[self.scheduled_until]))
+            self.scheduled_until += 1
+        # Drop shards of blocks the global position has left behind.
+        first_position = min(total - 1, step * self.loader.config.global_batch)
+        current_block = int(np.searchsorted(self.order.block_starts, first_position, "right") - 1)
+        for shard in [s for s in self.views if self.block_of_shard[s] < current_block]:
+            del self.views[shard]
+
+    def _produce(self) -> None:
+        loader, config = self.loader, self.loader.config
+        try:
+            for step in range(self.start_step, self.steps):
+                if self.stop.is_set():
+                    return
+                plan = rank_batch(
+                    self.order, step, global_batch=config.global_batch, rank=loader.rank,
+                    world_size=loader.world_size,
+                )  # fmt: skip
+                self._schedule(step)
+                shards, rows = self.order.shard_of(plan.samples)
+                count = len(plan.samples)
+                job = _Job(
+                    step=step, samples=plan.samples, valid=plan.valid, shards=shards, rows=rows,
+                    views={int(s): self._view(int(s)) for s in np.unique(shards)},
+                    images=self._image_buffer(count) if loader.image_fields else None,
+                    labels=np.full(count, -1, np.int64), ok=np.ones(count, bool),
+                    extras=[{} for _ in range(count)], keys=[""] * count, chunks=[],
+                )  # fmt: skip
+                pieces = max(1, min(count, 2 * config.decode_workers))
+                bounds = np.linspace(0, count, pieces + 1).astype(int)
+                job.chunks = [
+                    self.decode_pool.submit(self._decode, job, int(lo), int(hi))
+                    for lo, hi in itertools.pairwise(bounds)
+                    if hi > lo
+                ]
+                waited = time.perf_counter()
+                while not self.stop.is_set():
+                    try:
+                        self.queue.put(job, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                loader._batch_stage.add_wait(wait_out_s=time.perf_counter() - waited)
+            self._put_end(_END)
+        except BaseException as error:  # surfaced to the consumer, never lost
+            self._put_end(error)
+
+    def _image_buffer(self, count: int) -> np.ndarray:
+        size = self.loader.config.image_size
+        if self.loader.device is not None and self.loader.device.type == "cuda":
+            # Pinned: the host→device copy can then run asynchronously on the side stream.
+            pinned = torch.empty((count, size, size, 3), dtype=torch.uint8, pin_memory=True)
+            return pinned.numpy()
+        return np.empty((count, size, size, 3), np.uint8)
+
+    def _put_end(self, item: object) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # Decode side ---------------------------------------------------------------------------
+
+    def _decode(self, job: _Job, lo: int, hi: int) -> None:
+        loader = self.loader
+        stage = loader._decode_stage
+        started = time.perf_counter()
+        waited = 0.0
+        image_columns = [
+            [f.name for f in loader.index.fields].index(n) for n in loader.image_fields
+        ]
+        names = [f.name for f in loader.index.fields]
+        label_column = names.index(loader.label_field) if loader.label_field else -1
+        nbytes = 0
+        for i in range(lo, hi):
+            if self.stop.is_set():
+                return
+            shard = int(job.shards[i])
+            before = time.perf_counter()
+            view = job.views[shard].result()
+            waited += time.perf_counter() - before
+            row = int(job.rows[i])
+            key = view.table.keys[row]
+            job.keys[i] = key
+            offset = int(view.table.offsets[row]) if len(view.table.offsets) else None
+            if (self.epoch, key) in loader._skip_keys:
+                job.ok[i] = False
+                continue
+            try:
+                if row in view.bad:
+                    raise BadSampleError(view.bad[row], shard=view.entry.path, key=key,
+                                         offset=offset)  # fmt: skip
+                nbytes += self._decode_one(
+                    job, i, view, row, int(job.samples[i]), image_columns, label_column, names
+                )
+            except (BadSampleError, ValueError, KeyError, UnicodeDecodeError) as error:
+                if loader.config.on_bad_sample == "raise":
+                    if isinstance(error, BadSampleError):
+                        raise
+                    raise BadSampleError(
+                        str(error), shard=view.entry.path, key=key, offset=offset,
+                        hint="set data.on_bad_sample = 'skip' to skip such samples",
+                    ) from error  # fmt: skip
+                job.ok[i] = False
+                reason = error.reason if isinstance(error, BadSampleError) else str(error)
+                log.warning("skipping sample %r of %s: %s", key, view.entry.path, reason)
+                loader.skipped.append((self.epoch, key, reason))
+                loader._skip_keys.add((self.epoch, key))
+                loader.metrics_.count(skipped=1)
+        elapsed = time.perf_counter() - started
+        stage.add(items=hi - lo, nbytes=nbytes, busy_s=elapsed - waited)
+        stage.add_wait(wait_in_s=waited)
+
+    def _decode_one(
+        self,
+        job: _Job,
+        i: int,
+        view: ShardView,
+        row: int,
+        sample_id: int,
+        image_columns: list[int],
+        label_column: int,
+        names: list[str],
+    ) -> int:
+        loader = self.loader
+        nbytes = 0
+        if loader.index.format == "parquet":
+            record = view.parquet_row(row)
+            for field in loader.index.fields:
+                value = record.get(field.name)
+                if field.name in loader.image_fields:
+                    assert job.images is not None
+                    rng = np.random.default_rng([loader.config.seed, self.epoch, sample_id])
+                    decode_augment_into(value, loader.augment, rng, job.images[i])  # type: ignore[arg-type]
+                elif field.name == loader.label_field:
+                    job.labels[i] = int(value)  # type: ignore[call-overload]
+                else:
+                    job.extras[i][field.name] = value
+            return 0
+        if job.images is not None:
+            data = None
+            for column in image_columns:
+                data = view.member(row, column)
+                if data is not None:
+                    break
+            if data is None:
+                raise KeyError(f"no image field ({loader.image_fields}) in this sample")
+            rng = np.random.default_rng([loader.config.seed, self.epoch, sample_id])
+            decode_augment_into(data, loader.augment, rng, job.images[i])
+            nbytes += len(data)
+        for column, field in enumerate(loader.index.fields):
+            if field.kind == "image" or column == label_column:
+                continue
+            member = view.member(row, column)
+            if member is not None:
+                job.extras[i][field.name] = codec.decode(field.kind, member)
+        if label_column >= 0:
+            member = view.member(row, label_column)
+            if member is None:
+                raise KeyError(f"missing field {loader.label_field!r}")
+            job.labels[i] = codec.decode("int", member)
+        return nbytes
+
+    # Consumer side -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Batch]:
+        loader = self.loader
+        while True:
+            if self.stop.is_set():
+                # Closed (Loader.close, load_state_dict): whatever is queued is stale, and
+                # nothing more will come. Asking this pass again ends it.
+                return
+            waited = time.perf_counter()
+            item = self.queue.get()
+            if item is _END:
+                self._flush_audit()
+                return
+            if isinstance(item, BaseException):
+                raise item
+            job: _Job = item
+            for chunk in job.chunks:
+                chunk.result()
+            stall = time.perf_counter() - waited
+            with loader._batch_stage.busy(items=1):
+                batch = self._assemble(job)
+            loader.metrics_.consumed(samples=len(batch["__key__"]), stall_s=stall)
+            self._flush_audit()
+            loader.step = job.step + 1
+            self.pending_audit = (job.step, [k for k, v in zip(batch["__key__"],
+                                  batch["__valid__"].tolist(), strict=True) if v])  # fmt: skip
+            yield batch
+
+    def _assemble(self, job: _Job) -> Batch:
+        keep = np.flatnonzero(job.ok)
+        everything = len(keep) == len(job.ok)
+        batch: Batch = {}
+        if job.images is not None:
+            images = job.images if everything else job.images[keep]
+            batch["image"] = torch.from_numpy(images)
+        if self.loader.label_field:
+            batch["label"] = torch.from_numpy(job.labels if everything else job.labels[keep])
+        batch["__key__"] = [job.keys[i] for i in keep]
+        batch["__valid__"] = torch.from_numpy(job.valid[keep])
+        extra_names = {name for i in keep for name in job.extras[i]}
+        for name in sorted(extra_names):
+            values = [job.extras[i].get(name) for i in keep]
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                batch[name] = torch.tensor(values, dtype=torch.int64)
+            elif all(isinstance(v, float) for v in values):
+                batch[name] = torch.tensor(values, dtype=torch.float64)
+            else:
+                batch[name] = values
+        return batch
+
+    def _flush_audit(self) -> None:
+        """The previous batch's step is complete once the next one is asked for."""
+        if self.pending_audit is not None and self.loader._audit_path:
+            self.loader._write_audit(self.epoch, *self.pending_audit)
+        self.pending_audit = None
+
+    def close(self) -> None:
+        # loader.step already counts the last batch handed out: the log must list it too,
+        # or a checkpoint taken after a `break` resumes past keys the audit never saw.
+        self._flush_audit()
+        self.stop.set()
+        while True:
+            try:
+                self.queue.get_nowait()
+            except queue.Empty:
+                break
+        self.producer.join(timeout=10)
+        self.decode_pool.shutdown(wait=True, cancel_futures=True)
+        self.fetch_pool.shutdown(wait=True, cancel_futures=True)
+        self.views.clear()

@@ -1,0 +1,146 @@
+"""Fetching one shard for the loader: read (through the cache), verify, re-fetch, index.
+
+A shard is read whole — one object split into ``range_size`` GETs over ``connections`` on
+S3, ``block_size`` reads on POSIX — and checked against its xxh64 from the index. On a
+mismatch it is read again, bypassing the cache (a flipped bit in transit or in a cached
+file heals here). If it still differs, each sample's span is checked against its own digest;
+a bad sample is re-fetched by byte range, and only samples still bad after that are marked
+bad, with the reason — the rest of the shard stays usable.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dataflow import storage
+from dataflow.errors import BadShardError
+from dataflow.index import DatasetIndex, SampleTable, ShardEntry, checksum, sample_digest
+from dataflow.metrics import StageMetrics
+from dataflow.storage import StorageConfig
+from dataflow.storage.cache import ShardCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardView:
+    """One fetched shard: its bytes, its sample table, and the samples found bad."""
+
+    number: int
+    entry: ShardEntry
+    data: bytes | bytearray
+    table: SampleTable
+    bad: dict[int, str] = field(default_factory=dict)
+    """Row → reason, for samples that failed their checks (or all rows of a lost shard)."""
+    _rows: list[dict[str, object]] | None = None
+
+    def member(self, row: int, column: int) -> memoryview | None:
+        """The bytes of one field of one sample (tar), or None if the sample lacks it."""
+        span = self.table.field_span(row, column)
+        if span is None:
+            return None
+        return memoryview(self.data)[span[0] : span[0] + span[1]]
+
+    def parquet_row(self, row: int) -> dict[str, object]:
+        """One row of a Parquet shard (the table is decoded once, on first use)."""
+        if self._rows is None:
+            self._rows = pq.read_table(pa.BufferReader(bytes(self.data))).to_pylist()
+        return self._rows[row]
+
+
+class ShardFetcher:
+    def __init__(
+        self,
+        root: str,
+        index: DatasetIndex,
+        config: StorageConfig,
+        *,
+        cache: ShardCache | None,
+        metrics: StageMetrics,
+        skip_bad: bool,
+    ) -> None:
+        self.root = root
+        self.index = index
+        self.config = config
+        self.cache = cache
+        self.metrics = metrics
+        self.skip_bad = skip_bad
+        self._tables: dict[int, SampleTable] = {}
+        self.refetched = 0
+
+    def table(self, number: int) -> SampleTable:
+        table = self._tables.get(number)
+        if table is None:
+            from dataflow.index import load_table
+
+            table = load_table(self.root, self.index, self.index.shards[number], config=self.config)
+            self._tables[number] = table
+        return table
+
+    def _read(self, url: str, size: int, *, use_cache: bool) -> bytes:
+        def fetch() -> bytes:
+            return storage.read_range(url, 0, size, config=self.config)
+
+        if self.cache is not None and use_cache and not storage.is_local(url):
+            return self.cache.get(url, fetch)
+        return fetch()
+
+    def fetch(self, number: int) -> ShardView:
+        entry = self.index.shards[number]
+        url = storage.join_url(self.root, entry.path)
+        with self.metrics.busy(items=1, nbytes=entry.bytes):
+            table = self.table(number)
+            try:
+                data: bytes | bytearray = self._read(url, entry.bytes, use_cache=True)
+            except storage.StorageError as error:
+                return self._lost(number, entry, table, f"unreadable: {error}")
+            if len(data) == entry.bytes and checksum(data) == entry.checksum:
+                return ShardView(number, entry, data, table)
+            log.warning("shard %s does not match its checksum; reading it again", entry.path)
+            self.refetched += 1
+            if self.cache is not None:
+                storage.remove(self.cache.path(url))
+            try:
+                data = self._read(url, entry.bytes, use_cache=False)
+            except storage.StorageError as error:
+                return self._lost(number, entry, table, f"unreadable: {error}")
+            if len(data) == entry.bytes and checksum(data) == entry.checksum:
+                return ShardView(number, entry, data, table)
+            return self._check_samples(number, entry, url, bytearray(data), table)
+
+    def _lost(self, number: int, entry: ShardEntry, table: SampleTable, reason: str) -> ShardView:
+        if not self.skip_bad:
+            raise BadShardError(reason, shard=entry.path, hint="or set data.on_bad_sample = 'skip'")
+        log.error("shard %s lost (%s); its %d samples are skipped", entry.path, reason,
+                  entry.samples)  # fmt: skip
+        return ShardView(number, entry, b"", table, bad={row: reason for row in range(len(table))})
+
+    def _check_samples(
+        self, number: int, entry: ShardEntry, url: str, data: bytearray, table: SampleTable
+    ) -> ShardView:
+        """Find the samples of a damaged shard that are still good; re-fetch the others."""
+        if self.index.format != "tar":
+            return self._lost(number, entry, table, "checksum mismatch (Parquet: whole shard)")
+        if len(data) < entry.bytes:
+            data.extend(b"\0" * (entry.bytes - len(data)))
+        bad: dict[int, str] = {}
+        for row in range(len(table)):
+            start, size = int(table.offsets[row]), int(table.sizes[row])
+            span = memoryview(data)[start : start + size]
+            if sample_digest(span) == int(table.digests[row]):
+                continue
+            self.refetched += 1
+            try:
+                fresh = storage.read_range(url, start, start + size, config=self.config)
+            except storage.StorageError as error:
+                bad[row] = f"unreadable sample: {error}"
+                continue
+            if sample_digest(fresh) == int(table.digests[row]):
+                data[start : start + size] = fresh
+            else:
+                bad[row] = f"sample bytes differ from the index at byte {start}"
+        return ShardView(number, entry, data, table, bad=bad)

@@ -1,0 +1,114 @@
+"""Shared pieces of the benchmarks in tools/: the photo set, machine description, plots."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+
+from dataflow.errors import DataError
+
+SEED = 0
+IMAGE_SUFFIXES = (".jpg", ".jpeg")
+MARKER = ".shardflow-bench"  # in a data dir a benchmark wrote, and so may rewrite
+
+
+class BenchmarkError(DataError):
+    """A method's output does not hold every input sample, or a peer failed to run."""
+
+
+def list_images(root: str) -> list[tuple[str, int]]:
+    """(path, label) for ``root/<class>/<image>``; label = class folder's sorted position."""
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    files = []
+    for label, name in enumerate(classes):
+        folder = os.path.join(root, name)
+        for file_name in sorted(os.listdir(folder)):
+            if file_name.lower().endswith(IMAGE_SUFFIXES):
+                files.append((os.path.join(folder, file_name), label))
+    return files
+
+
+def prepare_photos(data_dir: str, count: int, quiet: bool) -> list[tuple[str, int]]:
+    """The photo folder at ``data_dir``, written unless it already holds ``count`` photos."""
+    marker = os.path.join(data_dir, MARKER)
+    if os.path.isdir(data_dir):
+        files = list_images(data_dir)
+        if len(files) == count:
+            return files
+        if os.path.exists(marker):
+            shutil.rmtree(data_dir)
+        elif os.listdir(data_dir):
+            raise BenchmarkError(
+                f"{data_dir} holds {len(files)} images, not {count}, and was not written by "
+                "this benchmark, so it is left alone",
+                hint="pass --count to match it, or another --data-dir",
+            )
+    from dataflow.datasets import write_photo_folder
+
+    if not quiet:
+        print(f"writing {count} photos into {data_dir} (once; reused by later runs)", flush=True)
+    started = time.perf_counter()
+    write_photo_folder(data_dir, count=count, seed=SEED)
+    with open(marker, "w") as handle:
+        handle.write(f"written by a tools/ benchmark: {count} photos, seed {SEED}\n")
+    if not quiet:
+        print(f"  done in {time.perf_counter() - started:.0f} s")
+    return list_images(data_dir)
+
+
+def read_all(files: list[tuple[str, int]]) -> int:
+    """Read every file once so that no method pays for a cold page cache."""
+    total = 0
+    for path, _ in files:
+        with open(path, "rb") as handle:
+            total += len(handle.read())
+    return total
+
+
+def machine(cores: list[int]) -> dict[str, object]:
+    cpu_model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    cpu_model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    versions = {}
+    for name in ("shardflow", "webdataset", "numpy", "pillow", "simplejpeg", "xxhash"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "missing"
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu_model,
+        "cpu_count": os.cpu_count(),
+        "cores_used": cores,
+        "python": platform.python_version(),
+        "packages": versions,
+    }
+
+
+def plot_bars(names: list[str], rates: list[float], path: str, title: str, unit: str) -> None:
+    """Horizontal bars, ours in blue and peers in grey, values printed on the bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names, rates = names[::-1], rates[::-1]
+    colors = ["tab:blue" if n.startswith("ours") else "tab:gray" for n in names]
+    figure, axes = plt.subplots(figsize=(8, 0.5 * len(names) + 1.5))
+    bars = axes.barh(names, rates, color=colors)
+    axes.bar_label(bars, labels=[f"{rate:.0f}" for rate in rates], padding=3)
+    axes.set_xlabel(f"{unit} (higher is better)")
+    axes.set_title(title, fontsize=10)
+    axes.set_xlim(0, max(rates) * 1.15)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,330 @@
+#!/usr/bin/env python
+"""Loader throughput against its peers, read throughput from S3, and memory over epochs.
+
+    python tools/bench_io.py [--config FILE] [--count 3000] [--repeat 2] [--out reports/]
+                             [--skip-peers] [--skip-s3] [--rss-epochs 5]
+
+All in one run on the same cores (default: every core this process may use), on an
+ImageNet-like set of real-photo JPEGs (~33 KB; dataflow.datasets.write_photo_folder)
+converted once to tar shards, every method doing decode + random-resized-crop 224 + flip:
+
+    ours                        dataflow.Loader (threads: decode_workers from [data], 2 by
+                                default), one full epoch from local shards
+    reference × cores           the fastest in-process loop we can write, no I/O: bytes
+                                already in memory, simplejpeg decode + OpenCV crop-resize +
+                                flip on one core, multiplied by the number of cores
+    webdataset + DataLoader     webdataset.WebDataset over the same shards, shuffle(1000),
+                                PIL decode + crop-resize + flip, torch DataLoader with
+                                num_workers = cores, batch 64
+
+Then the storage path alone from S3: a local S3 server behind the fault proxy shaped to
+≈30 ms first byte and ≈90 MB/s per connection (tests/support/faultproxy.py), reading every
+shard once — one connection, one shard after another (the sequential reader) vs our
+concurrent ranged GETs over ``storage.connections``. And the loader's peak RSS per epoch
+over ``--rss-epochs`` epochs. Writes ``<out>/bench_io.json`` (machine, date, config,
+results) and ``<out>/bench_io.png``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import _cli
+import numpy as np
+from _bench import SEED, machine, plot_bars, prepare_photos
+
+from dataflow import storage
+from dataflow.convert.config import ConvertConfig
+from dataflow.convert.job import convert
+from dataflow.index import DatasetIndex
+from dataflow.pipeline import DataConfig, Loader
+from dataflow.storage import StorageConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def prepare_shards(photos: str, shards: str, count: int) -> str:
+    try:
+        if DatasetIndex.load(shards).num_samples == count:
+            return shards
+    except Exception:
+        pass
+    config = ConvertConfig(
+        input=photos, output=shards, max_shard_samples=256, workers=0, overwrite=True
+    )
+    convert(config, progress=False)
+    return shards
+
+
+# ---------------------------------------------------------------------------------------------
+# The three loaders
+
+
+def run_ours(config: DataConfig, storage_config: StorageConfig) -> tuple[float, int, Loader]:
+    loader = Loader(config, storage_config, rank=0, world_size=1)
+    started = time.perf_counter()
+    samples = sum(len(batch["__key__"]) for batch in loader)
+    return samples / (time.perf_counter() - started), samples, loader
+
+
+def run_reference(photos: list[bytes], size: int) -> float:
+    import cv2
+    import simplejpeg
+
+    from dataflow.decode.image import ImageAugment, crop_box
+
+    cv2.setNumThreads(1)
+    augment = ImageAugment(size=size)
+    rng = np.random.default_rng(SEED)
+    out = np.empty((size, size, 3), np.uint8)
+    started = time.perf_counter()
+    for data in photos:
+        image = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        top, left, height, width, flip = crop_box(image.shape[0], image.shape[1], augment, rng)
+        region = image[top : top + height, left : left + width]
+        cv2.resize(region, (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
+        if flip:
+            cv2.flip(out, 1, dst=out)
+    return len(photos) / (time.perf_counter() - started)
+
+
+class PilCrop:
+    """torchvision-style RandomResizedCrop + flip with PIL, as webdataset users write it."""
+
+    def __init__(self, size: int) -> None:
+        from dataflow.decode.image import ImageAugment
+
+        self.size = size
+        self.augment = ImageAugment(size=size)
+        self.rng = np.random.default_rng()
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
+        import torch
+        from PIL import Image
+
+        from dataflow.decode.image import crop_box
+
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        top, left, height, width, flip = crop_box(image.height, image.width, self.augment,
+                                                  self.rng)  # fmt: skip
+        image = image.resize((self.size, self.size), Image.Resampling.BILINEAR,
+                             box=(left, top, left + width, top + height))  # fmt: skip
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(image)), int(sample["cls"])
+
+
+def run_webdataset(shards: list[str], size: int, workers: int, batch: int) -> tuple[float, int]:
+    import torch
+    import webdataset as wds
+
+    dataset = wds.WebDataset(shards, shardshuffle=len(shards), empty_check=False)
+    dataset = dataset.shuffle(1000).map(PilCrop(size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
+    started = time.perf_counter()
+    samples = sum(len(labels) for _, labels in loader)
+    return samples / (time.perf_counter() - started), samples
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 read throughput behind a latency/bandwidth-shaping proxy
+
+
+@contextlib.contextmanager
+def _process(code: str, port: int) -> Iterator[str]:
+    """Run a loopback server in its own interpreter (its own GIL) until the block ends."""
+    environment = {**os.environ, "PYTHONPATH": os.path.join(REPO, "tests")}
+    process = subprocess.Popen([sys.executable, "-c", code], env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait()
+
+
+def run_s3(
+    shards_root: str, connections: int, latency_s: float, bandwidth: float
+) -> dict[str, Any]:
+    """Every shard read once through the shaping proxy: sequential vs ours (concurrent)."""
+    from dataflow.storage.local_s3 import DUMMY_CREDENTIALS, free_port
+
+    for name, value in DUMMY_CREDENTIALS.items():
+        os.environ.setdefault(name, value)
+    index = DatasetIndex.load(shards_root)
+    server_port, proxy_port = free_port(), free_port()
+    server_code = (
+        "import time; from moto.server import ThreadedMotoServer; "
+        f"ThreadedMotoServer(ip_address='127.0.0.1', port={server_port}, verbose=False).start(); "
+        "time.sleep(86400)"
+    )
+    with _process(server_code, server_port) as endpoint:
+        direct = StorageConfig(endpoint_url=endpoint)
+        bucket = "s3://bench-io"
+        storage.make_bucket(bucket, config=direct)
+        for shard in index.shards:
+            storage.upload_file(os.path.join(shards_root, shard.path), f"{bucket}/{shard.path}",
+                                config=direct)  # fmt: skip
+        proxy_code = (
+            "import time; from support.faultproxy import FaultProxy; "
+            f"FaultProxy({endpoint!r}, first_byte_latency_s={latency_s}, "
+            f"bandwidth_bytes_per_s={bandwidth}, port={proxy_port}).start(); time.sleep(86400)"
+        )
+        with _process(proxy_code, proxy_port) as proxy:
+            urls = [(f"{bucket}/{s.path}", s.bytes) for s in index.shards]
+            total = sum(size for _, size in urls)
+            biggest = max(size for _, size in urls)
+            sequential = StorageConfig(endpoint_url=proxy, connections=1, range_size=biggest + 1)
+            started = time.perf_counter()
+            for url, size in urls:
+                storage.read_range(url, 0, size, config=sequential)
+            sequential_rate = total / 1e6 / (time.perf_counter() - started)
+            # Ours, as the loader's read-ahead does it: `connections` shards in flight at
+            # once. (Splitting each shard into small ranged GETs is what real S3 rewards, but
+            # moto copies the whole object for every ranged GET, so here a GET per shard.)
+            ours = StorageConfig(endpoint_url=proxy, connections=connections,
+                                 range_size=max(4096, biggest))  # fmt: skip
+            started = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+                list(pool.map(lambda u: storage.read_range(u[0], 0, u[1], config=ours), urls))
+            ours_rate = total / 1e6 / (time.perf_counter() - started)
+    ideal = connections * bandwidth / 1e6
+    return {
+        "bytes": total,
+        "connections": connections,
+        "first_byte_latency_s": latency_s,
+        "bandwidth_per_connection_mb_s": bandwidth / 1e6,
+        "sequential_mb_s": sequential_rate,
+        "ours_mb_s": ours_rate,
+        "ideal_mb_s": ideal,
+        "fraction_of_ideal": ours_rate / ideal,
+        "speedup_vs_sequential": ours_rate / sequential_rate,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    arguments = _cli.parser(__doc__.split("\n\n")[0])
+    arguments.add_argument("--count", type=int, default=3000, help="photos in the set")
+    arguments.add_argument("--data-dir", default="/tmp/shardflow-bench/photos")
+    arguments.add_argument("--repeat", type=int, default=2, help="epochs per method; best counts")
+    arguments.add_argument("--rss-epochs", type=int, default=5)
+    arguments.add_argument("--skip-peers", action="store_true")
+    arguments.add_argument("--skip-s3", action="store_true")
+    arguments.add_argument("--s3-connections", type=int, default=4)
+    arguments.add_argument("--out", default=os.path.join(REPO, "reports"))
+    args, config = _cli.parse(arguments)
+    cores = len(os.sched_getaffinity(0))
+    photos_dir = args.data_dir
+    files = prepare_photos(photos_dir, args.count, args.quiet)
+    shards = prepare_shards(photos_dir, photos_dir.rstrip("/") + "-shards", args.count)
+    data = dataclasses.replace(config.data, url=shards, global_batch=64, image_size=224)
+    results: dict[str, float] = {}
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+
+    photos = []
+    for path, _ in files:
+        with open(path, "rb") as handle:
+            photos.append(handle.read())
+    say(f"{len(photos)} photos, mean {np.mean([len(p) for p in photos]) / 1000:.1f} KB, "
+        f"{cores} cores")  # fmt: skip
+    results["reference × cores"] = cores * max(
+        run_reference(photos, 224) for _ in range(args.repeat)
+    )
+    say(f"reference × cores: {results['reference × cores']:.0f} samples/s")
+    best = 0.0
+    loader: Loader | None = None
+    for _ in range(args.repeat):
+        rate, _, loader = run_ours(data, config.storage)
+        best = max(best, rate)
+    results["ours"] = best
+    assert loader is not None
+    stage_table = loader.metrics_.summary(loader.metrics())
+    say(f"ours: {best:.0f} samples/s\n{stage_table}")
+    if not args.skip_peers:
+        index = DatasetIndex.load(shards)
+        urls = [os.path.join(shards, s.path) for s in index.shards]
+        results["webdataset + DataLoader"] = max(
+            run_webdataset(urls, 224, cores, 64)[0] for _ in range(args.repeat)
+        )
+        say(f"webdataset + DataLoader: {results['webdataset + DataLoader']:.0f} samples/s")
+
+    rss = []
+    loader = Loader(data, config.storage, rank=0, world_size=1)
+    for epoch in range(args.rss_epochs):
+        loader.set_epoch(epoch)
+        peak = 0
+        for _ in loader:
+            peak = max(peak, rss_bytes())
+        rss.append(peak)
+    say("peak RSS per epoch (MB): " + ", ".join(f"{r / 1e6:.0f}" for r in rss))
+
+    s3: list[dict[str, Any]] = []
+    if not args.skip_s3:
+        for connections, bandwidth in ((args.s3_connections, 90e6), (4, 20e6), (8, 20e6)):
+            result = run_s3(shards, connections, 0.030, bandwidth)
+            s3.append(result)
+            say(f"S3 via shaping proxy (30 ms, {bandwidth / 1e6:.0f} MB/s per connection): "
+                f"sequential {result['sequential_mb_s']:.0f} MB/s, ours "
+                f"{result['ours_mb_s']:.0f} MB/s over {connections} connections "
+                f"({result['fraction_of_ideal']:.0%} of {result['ideal_mb_s']:.0f} MB/s; "
+                f"{result['speedup_vs_sequential']:.1f}× sequential)")  # fmt: skip
+
+    ratios = {f"ours ÷ {name}": results["ours"] / rate for name, rate in results.items()
+              if name != "ours"}  # fmt: skip
+    print("\nsamples/s (decode + random-resized-crop 224 + flip):")
+    for name, rate in results.items():
+        print(f"  {name:<26}{rate:>9.0f}")
+    for name, ratio in ratios.items():
+        print(f"  {name:<40}{ratio:>6.2f}×")
+    os.makedirs(args.out, exist_ok=True)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "machine": machine(sorted(os.sched_getaffinity(0))),
+        "command": " ".join(sys.argv),
+        "config": {"data": dataclasses.asdict(data), "storage": dataclasses.asdict(config.storage)},
+        "photos": {"count": len(photos), "mean_bytes": float(np.mean([len(p) for p in photos]))},
+        "samples_per_s": results,
+        "ratios": ratios,
+        "loader_stages": loader.metrics() if loader else {},
+        "peak_rss_bytes_per_epoch": rss,
+        "s3": s3,
+    }
+    with open(os.path.join(args.out, "bench_io.json"), "w") as handle:
+        json.dump(report, handle, indent=1, default=str)
+    title = f"{len(photos)} photos, {cores} cores: decode + RRC 224 + flip"
+    plot_bars(list(results), list(results.values()), os.path.join(args.out, "bench_io.png"),
+              title, "samples/s")  # fmt: skip
+    print(f"wrote {args.out}/bench_io.json and {args.out}/bench_io.png")
+    return 0
+
+
+if __name__ == "__main__":
+    _cli.run(main)

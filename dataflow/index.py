@@ -28,7 +28,7 @@ import xxhash
 
 from dataflow import storage
 from dataflow.errors import DatasetIndexError
-from dataflow.formats.codec import KINDS
+from dataflow.formats.codec import KINDS, NUMPY_LOAD_LOCK
 from dataflow.storage import StorageConfig
 
 INDEX_FILE: Final = "index.json"
@@ -229,7 +229,7 @@ class SampleTable:
     def from_bytes(cls, data: bytes, where: str, *, num_fields: int) -> SampleTable:
         """Parse and validate a table; every inconsistency is a DatasetIndexError."""
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+            with NUMPY_LOAD_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as arrays:
                 loaded = {name: arrays[name] for name in arrays.files}
         except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as error:
             raise DatasetIndexError(f"sample table {where} is unreadable: {error}") from None

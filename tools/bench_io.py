@@ -91,21 +91,46 @@ def run_reference(photos: list[bytes], size: int) -> float:
     import cv2
     import simplejpeg
 
-    from dataflow.decode.image import ImageAugment, crop_box
+    from dataflow.decode.image import ImageAugment, crop_box, sample_draws
 
     cv2.setNumThreads(1)
     augment = ImageAugment(size=size)
-    rng = np.random.default_rng(SEED)
+    draws = sample_draws(SEED, 0, np.arange(len(photos))).tolist()
     out = np.empty((size, size, 3), np.uint8)
     started = time.perf_counter()
-    for data in photos:
+    for data, uniforms in zip(photos, draws, strict=True):
         image = simplejpeg.decode_jpeg(data, colorspace="RGB")
-        top, left, height, width, flip = crop_box(image.shape[0], image.shape[1], augment, rng)
+        top, left, height, width, flip = crop_box(image.shape[0], image.shape[1], augment,
+                                                  uniforms)  # fmt: skip
         region = image[top : top + height, left : left + width]
         cv2.resize(region, (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
         if flip:
             cv2.flip(out, 1, dst=out)
     return len(photos) / (time.perf_counter() - started)
+
+
+def _decode_for_pool(item: tuple[bytes, list[float]]) -> np.ndarray:
+    from dataflow.decode.image import ImageAugment, decode_augment_into
+
+    out = np.empty((224, 224, 3), np.uint8)
+    decode_augment_into(item[0], ImageAugment(size=224), item[1], out)
+    return out
+
+
+def run_pools(photos: list[bytes], workers: int) -> dict[str, float]:
+    """Decode + crop through a thread pool vs a process pool (results pickled back)."""
+    from dataflow.decode.image import sample_draws
+
+    items = list(zip(photos, sample_draws(SEED, 0, np.arange(len(photos))).tolist(), strict=True))
+    rates = {}
+    for name, pool_type in (("threads", concurrent.futures.ThreadPoolExecutor),
+                            ("processes", concurrent.futures.ProcessPoolExecutor)):  # fmt: skip
+        with pool_type(workers) as pool:
+            list(pool.map(_decode_for_pool, items[: workers * 4]))  # start-up outside the timing
+            started = time.perf_counter()
+            list(pool.map(_decode_for_pool, items, chunksize=16))
+            rates[name] = len(items) / (time.perf_counter() - started)
+    return rates
 
 
 class PilCrop:
@@ -125,8 +150,9 @@ class PilCrop:
         from dataflow.decode.image import crop_box
 
         image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        uniforms = self.rng.random(42).tolist()
         top, left, height, width, flip = crop_box(image.height, image.width, self.augment,
-                                                  self.rng)  # fmt: skip
+                                                  uniforms)  # fmt: skip
         image = image.resize((self.size, self.size), Image.Resampling.BILINEAR,
                              box=(left, top, left + width, top + height))  # fmt: skip
         if flip:
@@ -259,6 +285,9 @@ def main() -> int:
         run_reference(photos, 224) for _ in range(args.repeat)
     )
     say(f"reference × cores: {results['reference × cores']:.0f} samples/s")
+    pools = run_pools(photos, cores)
+    say(f"decode pool of {cores}: threads {pools['threads']:.0f} samples/s, processes "
+        f"{pools['processes']:.0f} samples/s")  # fmt: skip
     best = 0.0
     loader: Loader | None = None
     for _ in range(args.repeat):
@@ -312,6 +341,7 @@ def main() -> int:
         "config": {"data": dataclasses.asdict(data), "storage": dataclasses.asdict(config.storage)},
         "photos": {"count": len(photos), "mean_bytes": float(np.mean([len(p) for p in photos]))},
         "samples_per_s": results,
+        "decode_pool_samples_per_s": pools,
         "ratios": ratios,
         "loader_stages": loader.metrics() if loader else {},
         "peak_rss_bytes_per_epoch": rss,

@@ -9,9 +9,9 @@ the output, and resize with OpenCV (bilinear; area when shrinking by > 2×) into
 preallocated ``uint8`` HWC slot of the batch, mirrored when the flip says so. Pixels are
 identical to cropping a full decode; a random-resized crop costs ~60 % of a full decode
 (measured: 359 µs vs 592 µs on ~33 KB photos). Without the extension, simplejpeg decodes
-the whole image. Non-JPEGs decode through Pillow. The randomness comes from a generator
-seeded by (seed, epoch, sample id), so a sample gets the same crop whichever thread decodes
-it, and after a resume.
+the whole image. Non-JPEGs decode through Pillow. The randomness is counter-based uniforms
+hashed from (seed, epoch, sample id) — ``sample_draws``, vectorised per batch — so a sample
+gets the same crop whichever rank or thread decodes it, and after a resume.
 
 Trade-off: damage in a JPEG below (or beside) the crop goes unnoticed, as it is never
 decoded; conversion's ``validate_images = "decode"`` and the per-sample checksums are the
@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
 
@@ -75,25 +76,58 @@ def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
     return int(height), int(width)
 
 
+DRAWS: Final = 42
+"""Uniform numbers one sample's augmentation consumes: 10 crop tries × 4, a flip, a spare."""
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser, vectorised: a well-mixed uint64 per input uint64."""
+    with np.errstate(over="ignore"):
+        z = values + _GOLDEN
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def sample_draws(seed: int, epoch: int, sample_ids: np.ndarray) -> np.ndarray:
+    """(len(sample_ids), DRAWS) uniforms in [0, 1), a pure function of (seed, epoch, id).
+
+    Counter-based (a hash of the counter, like Philox), so a whole batch's draws cost one
+    vectorised call (~1 µs per sample instead of ~12 µs for seeding a generator per
+    sample), and a sample's crop does not depend on which rank, step or thread decodes it.
+    """
+    with np.errstate(over="ignore"):
+        key = _splitmix64(np.asarray([seed * 1_000_003 + epoch], dtype=np.uint64))[0]
+        ids = np.asarray(sample_ids, dtype=np.uint64)[:, None] * np.uint64(DRAWS)
+        counters = ids + np.arange(DRAWS, dtype=np.uint64)[None, :]
+        bits = _splitmix64(counters ^ key)
+    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
 def crop_box(
-    height: int, width: int, augment: ImageAugment, rng: np.random.Generator
+    height: int, width: int, augment: ImageAugment, draws: Sequence[float]
 ) -> tuple[int, int, int, int, bool]:
-    """(top, left, crop height, crop width, flip) for one sample."""
+    """(top, left, crop height, crop width, flip) for one sample, from its DRAWS uniforms."""
+    flip = augment.flip and draws[40] < 0.5
     if not augment.train:
         side = min(height, width) * 0.875  # the customary 224/256 central crop
         crop_h = crop_w = max(1, round(side))
         return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w, False
     area = height * width
-    log_ratio = (math.log(augment.ratio[0]), math.log(augment.ratio[1]))
-    for _ in range(10):
-        target = area * rng.uniform(augment.scale[0], augment.scale[1])
-        aspect = math.exp(rng.uniform(*log_ratio))
+    low_scale, high_scale = augment.scale
+    log_low, log_high = math.log(augment.ratio[0]), math.log(augment.ratio[1])
+    for attempt in range(10):
+        u = draws[4 * attempt : 4 * attempt + 4]
+        target = area * (low_scale + (high_scale - low_scale) * u[0])
+        aspect = math.exp(log_low + (log_high - log_low) * u[1])
         crop_w = round(math.sqrt(target * aspect))
         crop_h = round(math.sqrt(target / aspect))
         if 0 < crop_w <= width and 0 < crop_h <= height:
-            top = int(rng.integers(0, height - crop_h + 1))
-            left = int(rng.integers(0, width - crop_w + 1))
-            return top, left, crop_h, crop_w, augment.flip and bool(rng.random() < 0.5)
+            top = int(u[2] * (height - crop_h + 1))
+            left = int(u[3] * (width - crop_w + 1))
+            return top, left, crop_h, crop_w, flip
     aspect_now = width / height
     if aspect_now < augment.ratio[0]:
         crop_w, crop_h = width, round(width / augment.ratio[0])
@@ -101,7 +135,6 @@ def crop_box(
         crop_h, crop_w = height, round(height * augment.ratio[1])
     else:
         crop_h, crop_w = height, width
-    flip = augment.flip and bool(rng.random() < 0.5)
     return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w, flip
 
 
@@ -132,7 +165,7 @@ def _resize_into(region: np.ndarray, out: np.ndarray, flip: bool) -> None:
 
 
 def decode_augment_into(
-    data: bytes | memoryview, augment: ImageAugment, rng: np.random.Generator, out: np.ndarray
+    data: bytes | memoryview, augment: ImageAugment, draws: Sequence[float], out: np.ndarray
 ) -> None:
     """Decode ``data``, crop, resize and flip into ``out`` (uint8, size × size × 3).
 
@@ -145,7 +178,7 @@ def decode_augment_into(
             height, width = jpeg_size(data)
         except ValueError as error:
             raise ValueError(f"undecodable JPEG header: {error}") from None
-        top, left, crop_h, crop_w, flip = crop_box(height, width, augment, rng)
+        top, left, crop_h, crop_w, flip = crop_box(height, width, augment, draws)
         denominator = _dct_scale(crop_h, crop_w, augment.size)
         if _roijpeg is not None:
             try:
@@ -175,5 +208,5 @@ def decode_augment_into(
         _resize_into(region, out, flip)
         return
     image = decode_image(data)
-    top, left, crop_h, crop_w, flip = crop_box(image.shape[0], image.shape[1], augment, rng)
+    top, left, crop_h, crop_w, flip = crop_box(image.shape[0], image.shape[1], augment, draws)
     _resize_into(image[top : top + crop_h, left : left + crop_w], out, flip)

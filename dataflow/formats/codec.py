@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from typing import Any, Final
 
 import numpy as np
@@ -51,6 +52,12 @@ _EXTENSION_KINDS = {
     "pyd": "pickle",
     "pth": "pickle",
 }
+
+
+NUMPY_LOAD_LOCK = threading.Lock()
+"""Serialises ``np.load``: it parses .npy headers with ``ast.literal_eval``, and CPython
+3.11's AST validator is not thread-safe ("SystemError: AST constructor recursion depth
+mismatch", python/cpython#106905, fixed in later releases); the loader's threads hit it."""
 
 
 class Encoded(bytes):
@@ -141,7 +148,8 @@ def decode(kind: str, data: bytes | memoryview, *, allow_pickle: bool = False) -
     if kind == "json":
         return json.loads(bytes(data).decode("utf-8"))
     if kind in ("tokens", "npy"):
-        return np.load(io.BytesIO(bytes(data)), allow_pickle=False)
+        with NUMPY_LOAD_LOCK:
+            return np.load(io.BytesIO(bytes(data)), allow_pickle=False)
     if kind == "pickle":
         if not allow_pickle:
             raise PickleRefusedError(

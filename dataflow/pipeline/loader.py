@@ -42,12 +42,13 @@ import torch
 import xxhash
 
 from dataflow import storage
-from dataflow.decode.image import ImageAugment, decode_augment_into
+from dataflow.decode.image import ImageAugment, decode_augment_into, sample_draws
 from dataflow.errors import BadSampleError, DataError
 from dataflow.formats import codec
 from dataflow.index import DatasetIndex
 from dataflow.metrics import PipelineMetrics
 from dataflow.order import EpochOrder, num_batches, rank_batch
+from dataflow.pipeline.buffers import BufferPool
 from dataflow.pipeline.config import DataConfig
 from dataflow.pipeline.device import prefetch_to_device
 from dataflow.pipeline.shards import ShardFetcher, ShardView
@@ -77,6 +78,7 @@ class _Job:
     rows: np.ndarray
     views: dict[int, concurrent.futures.Future[ShardView]]
     images: np.ndarray | None
+    draws: np.ndarray
     labels: np.ndarray
     ok: np.ndarray
     extras: list[dict[str, Any]]
@@ -170,6 +172,9 @@ class Loader:
                     f"data.device = {config.device!r} but CUDA is not available here; "
                     "leave it empty to stay on the CPU"
                 )
+        # Pinned when batches go to a GPU: the copy then runs asynchronously on a side stream.
+        on_gpu = self.device is not None and self.device.type == "cuda"
+        self._buffers = BufferPool(pinned=on_gpu)
 
     # -----------------------------------------------------------------------------------------
     # Public API
@@ -349,6 +354,7 @@ class _Run:
                     step=step, samples=plan.samples, valid=plan.valid, shards=shards, rows=rows,
                     views={int(s): self._view(int(s)) for s in np.unique(shards)},
                     images=self._image_buffer(count) if loader.image_fields else None,
+                    draws=sample_draws(config.seed, self.epoch, plan.samples),
                     labels=np.full(count, -1, np.int64), ok=np.ones(count, bool),
                     extras=[{} for _ in range(count)], keys=[""] * count, chunks=[],
                 )  # fmt: skip
@@ -373,11 +379,7 @@ class _Run:
 
     def _image_buffer(self, count: int) -> np.ndarray:
         size = self.loader.config.image_size
-        if self.loader.device is not None and self.loader.device.type == "cuda":
-            # Pinned: the host→device copy can then run asynchronously on the side stream.
-            pinned = torch.empty((count, size, size, 3), dtype=torch.uint8, pin_memory=True)
-            return pinned.numpy()
-        return np.empty((count, size, size, 3), np.uint8)
+        return self.loader._buffers.array((count, size, size, 3))
 
     def _put_end(self, item: object) -> None:
         while not self.stop.is_set():
@@ -394,10 +396,8 @@ class _Run:
         stage = loader._decode_stage
         started = time.perf_counter()
         waited = 0.0
-        image_columns = [
-            [f.name for f in loader.index.fields].index(n) for n in loader.image_fields
-        ]
         names = [f.name for f in loader.index.fields]
+        image_columns = [names.index(name) for name in loader.image_fields]
         label_column = names.index(loader.label_field) if loader.label_field else -1
         nbytes = 0
         for i in range(lo, hi):
@@ -418,9 +418,7 @@ class _Run:
                 if row in view.bad:
                     raise BadSampleError(view.bad[row], shard=view.entry.path, key=key,
                                          offset=offset)  # fmt: skip
-                nbytes += self._decode_one(
-                    job, i, view, row, int(job.samples[i]), image_columns, label_column, names
-                )
+                nbytes += self._decode_one(job, i, view, row, image_columns, label_column)
             except (BadSampleError, ValueError, KeyError, UnicodeDecodeError) as error:
                 if loader.config.on_bad_sample == "raise":
                     if isinstance(error, BadSampleError):
@@ -445,10 +443,8 @@ class _Run:
         i: int,
         view: ShardView,
         row: int,
-        sample_id: int,
         image_columns: list[int],
         label_column: int,
-        names: list[str],
     ) -> int:
         loader = self.loader
         nbytes = 0
@@ -457,9 +453,8 @@ class _Run:
             for field in loader.index.fields:
                 value = record.get(field.name)
                 if field.name in loader.image_fields:
-                    assert job.images is not None
-                    rng = np.random.default_rng([loader.config.seed, self.epoch, sample_id])
-                    decode_augment_into(value, loader.augment, rng, job.images[i])  # type: ignore[arg-type]
+                    assert job.images is not None and isinstance(value, bytes)
+                    decode_augment_into(value, loader.augment, job.draws[i].tolist(), job.images[i])
                 elif field.name == loader.label_field:
                     job.labels[i] = int(value)  # type: ignore[call-overload]
                 else:
@@ -473,8 +468,7 @@ class _Run:
                     break
             if data is None:
                 raise KeyError(f"no image field ({loader.image_fields}) in this sample")
-            rng = np.random.default_rng([loader.config.seed, self.epoch, sample_id])
-            decode_augment_into(data, loader.augment, rng, job.images[i])
+            decode_augment_into(data, loader.augment, job.draws[i].tolist(), job.images[i])
             nbytes += len(data)
         for column, field in enumerate(loader.index.fields):
             if field.kind == "image" or column == label_column:

@@ -271,3 +271,26 @@ def test_load_table_checks_index_entry(tmp_path: Path) -> None:
     (tmp_path / entry.table).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
     with pytest.raises(DatasetIndexError, match=r"does not match index\.json"):
         load_table(str(tmp_path), index, entry)
+
+
+def test_sample_tables_load_from_many_threads_at_once() -> None:
+    """The loader's fetch threads load tables in parallel. (np.load is serialised because
+    CPython 3.11's AST validator, which it uses, once failed here under threads with
+    python/cpython#106905; this load does not reproduce that race on demand, it checks that
+    concurrent loads stay correct.)"""
+    import concurrent.futures
+
+    table = SampleTable.empty(2)
+    table.keys = [f"k{i}" for i in range(50)]
+    for name in ("offsets", "sizes"):
+        setattr(table, name, np.arange(50, dtype=np.int64))
+    table.digests = np.arange(50, dtype=np.uint64)
+    table.field_offsets = np.zeros((50, 2), np.int64)
+    table.field_sizes = np.zeros((50, 2), np.int64)
+    data = table.to_bytes()
+
+    def load(_: int) -> list[str]:
+        return SampleTable.from_bytes(data, "t", num_fields=2).keys
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert all(keys == table.keys for keys in pool.map(load, range(2000)))

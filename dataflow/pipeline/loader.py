@@ -45,6 +45,7 @@ from dataflow import storage
 from dataflow.decode.image import ImageAugment, decode_augment_into, sample_draws
 from dataflow.errors import BadSampleError, DataError
 from dataflow.formats import codec
+from dataflow.formats.parquet import decode_column_value
 from dataflow.index import DatasetIndex
 from dataflow.metrics import PipelineMetrics
 from dataflow.order import EpochOrder, num_batches, rank_batch
@@ -366,22 +367,18 @@ class _Run:
                     if hi > lo
                 ]
                 waited = time.perf_counter()
-                while not self.stop.is_set():
-                    try:
-                        self.queue.put(job, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put(job)
                 loader._batch_stage.add_wait(wait_out_s=time.perf_counter() - waited)
-            self._put_end(_END)
+            self._put(_END)
         except BaseException as error:  # surfaced to the consumer, never lost
-            self._put_end(error)
+            self._put(error)
 
     def _image_buffer(self, count: int) -> np.ndarray:
         size = self.loader.config.image_size
         return self.loader._buffers.array((count, size, size, 3))
 
-    def _put_end(self, item: object) -> None:
+    def _put(self, item: object) -> None:
+        """Block until the queue takes ``item``, or until the run is stopped."""
         while not self.stop.is_set():
             try:
                 self.queue.put(item, timeout=0.1)
@@ -451,12 +448,15 @@ class _Run:
         if loader.index.format == "parquet":
             record = view.parquet_row(row)
             for field in loader.index.fields:
-                value = record.get(field.name)
-                if field.name in loader.image_fields:
-                    assert job.images is not None and isinstance(value, bytes)
+                value = decode_column_value(field.kind, record.get(field.name))
+                if field.name in loader.image_fields and job.images is not None:
+                    if not isinstance(value, bytes):
+                        raise KeyError(f"missing image field {field.name!r}")
                     decode_augment_into(value, loader.augment, job.draws[i].tolist(), job.images[i])
                 elif field.name == loader.label_field:
-                    job.labels[i] = int(value)  # type: ignore[call-overload]
+                    if value is None:
+                        raise KeyError(f"missing field {field.name!r}")
+                    job.labels[i] = int(value)
                 else:
                     job.extras[i][field.name] = value
             return 0

@@ -109,6 +109,47 @@ def run_reference(photos: list[bytes], size: int) -> float:
     return len(photos) / (time.perf_counter() - started)
 
 
+def run_dali_reader(shards_root: str, threads: int, batch: int) -> float:
+    """DALI's own pipeline: readers.webdataset → decoders.image_random_crop → resize → flip."""
+    import tempfile
+
+    from dataflow.decode.dali import import_dali
+    from dataflow.formats.tar import dali_index_text
+    from dataflow.index import load_table
+
+    index = DatasetIndex.load(shards_root)
+    with tempfile.TemporaryDirectory() as directory:
+        paths, index_paths = [], []
+        for shard in index.shards:
+            table = load_table(shards_root, index, shard)
+            index_path = os.path.join(directory, shard.path + ".idx")
+            with open(index_path, "w") as handle:
+                handle.write(dali_index_text(table, index.fields))
+            paths.append(os.path.join(shards_root, shard.path))
+            index_paths.append(index_path)
+
+        dali = import_dali()
+        fn, types = dali.fn, dali.types
+
+        @dali.pipeline_def(batch_size=batch, num_threads=threads, device_id=None, seed=SEED)
+        def pipeline() -> Any:
+            jpegs, _ = fn.readers.webdataset(
+                paths=paths, index_paths=index_paths, ext=["jpg", "cls"], random_shuffle=True,
+                initial_fill=1024, name="reader",
+            )  # fmt: skip
+            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
+            images = fn.resize(images, resize_x=224, resize_y=224)
+            return fn.flip(images, horizontal=fn.random.coin_flip())
+
+        built = pipeline()
+        built.build()
+        samples = index.num_samples
+        started = time.perf_counter()
+        for _ in range(-(-samples // batch)):
+            built.run()
+        return samples / (time.perf_counter() - started)
+
+
 def _decode_for_pool(item: tuple[bytes, list[float]]) -> np.ndarray:
     from dataflow.decode.image import ImageAugment, decode_augment_into
 
@@ -264,6 +305,7 @@ def main() -> int:
     arguments.add_argument("--rss-epochs", type=int, default=5)
     arguments.add_argument("--skip-peers", action="store_true")
     arguments.add_argument("--skip-s3", action="store_true")
+    arguments.add_argument("--skip-dali", action="store_true")
     arguments.add_argument("--s3-connections", type=int, default=4)
     arguments.add_argument("--out", default=os.path.join(REPO, "reports"))
     args, config = _cli.parse(arguments)
@@ -305,6 +347,21 @@ def main() -> int:
         )
         say(f"webdataset + DataLoader: {results['webdataset + DataLoader']:.0f} samples/s")
 
+    if not args.skip_dali:
+        results["ours (DALI CPU decode)"] = max(
+            run_ours(dataclasses.replace(data, decode_backend="dali", decode_workers=cores),
+                     config.storage)[0]
+            for _ in range(args.repeat)
+        )  # fmt: skip
+        results["DALI's own pipeline"] = max(
+            run_dali_reader(shards, cores, 64) for _ in range(args.repeat)
+        )
+        dali_own = results["DALI's own pipeline"]
+        say(
+            f"ours with DALI CPU decode: {results['ours (DALI CPU decode)']:.0f} samples/s; "
+            f"DALI's own webdataset pipeline: {dali_own:.0f} samples/s"
+        )
+
     rss = []
     loader = Loader(data, config.storage, rank=0, world_size=1)
     for epoch in range(args.rss_epochs):
@@ -327,7 +384,11 @@ def main() -> int:
                 f"{result['speedup_vs_sequential']:.1f}× sequential)")  # fmt: skip
 
     ratios = {f"ours ÷ {name}": results["ours"] / rate for name, rate in results.items()
-              if name != "ours"}  # fmt: skip
+              if not name.startswith("ours")}  # fmt: skip
+    if "ours (DALI CPU decode)" in results:
+        ratios["ours (DALI CPU decode) ÷ DALI's own pipeline"] = (
+            results["ours (DALI CPU decode)"] / results["DALI's own pipeline"]
+        )
     print("\nsamples/s (decode + random-resized-crop 224 + flip):")
     for name, rate in results.items():
         print(f"  {name:<26}{rate:>9.0f}")

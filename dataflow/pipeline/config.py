@@ -31,7 +31,13 @@ class DataConfig:
     cache_bytes: ByteSize = 20_000_000_000
     """Cap on the cache directory's shards; least recently used are evicted."""
     decode_workers: int = 2
-    """Decode threads (simplejpeg and OpenCV release the GIL)."""
+    """Decode threads (libjpeg-turbo and OpenCV release the GIL); DALI's threads with DALI."""
+    decode_backend: Literal["cpu", "dali"] = "cpu"
+    """Who decodes images: our CPU decoders, or NVIDIA DALI (same crops, same output)."""
+    decode_device: Literal["cpu", "gpu"] = "cpu"
+    """With DALI: decode on the CPU (device_id=None) or with nvJPEG on the GPU ("mixed")."""
+    hw_decoder_load: float = 0.65
+    """With DALI on a GPU that has a hardware JPEG decoder: the share of images sent to it."""
     prefetch_batches: int = 4
     """Batches decoded ahead of the consumer (bounds memory: this × batch bytes)."""
     image_field: str = ""
@@ -62,6 +68,10 @@ class DataConfig:
                      "prefetch_batches", "image_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.hw_decoder_load <= 1.0:
+            raise ValueError(f"hw_decoder_load must be within [0, 1], got {self.hw_decoder_load}")
+        if self.decode_device == "gpu" and self.decode_backend != "dali":
+            raise ValueError("decode_device = 'gpu' needs decode_backend = 'dali'")
         if self.readahead_shards < 0:
             raise ValueError(f"readahead_shards must be >= 0, got {self.readahead_shards}")
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:

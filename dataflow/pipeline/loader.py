@@ -34,7 +34,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -42,15 +41,18 @@ import torch
 import xxhash
 
 from dataflow import storage
-from dataflow.decode.image import ImageAugment, decode_augment_into, sample_draws
-from dataflow.errors import BadSampleError, DataError
-from dataflow.formats import codec
-from dataflow.formats.parquet import decode_column_value
+from dataflow.decode.dali import DaliImageDecoder
+from dataflow.decode.image import (
+    ImageAugment,
+    sample_draws,
+)
+from dataflow.errors import DataError
 from dataflow.index import DatasetIndex
 from dataflow.metrics import PipelineMetrics
 from dataflow.order import EpochOrder, num_batches, rank_batch
 from dataflow.pipeline.buffers import BufferPool
 from dataflow.pipeline.config import DataConfig
+from dataflow.pipeline.decoding import BatchDecoder, Job
 from dataflow.pipeline.device import prefetch_to_device
 from dataflow.pipeline.shards import ShardFetcher, ShardView
 from dataflow.storage import StorageConfig
@@ -68,23 +70,6 @@ def resolve_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-@dataclass
-class _Job:
-    step: int
-    samples: np.ndarray
-    valid: np.ndarray
-    shards: np.ndarray
-    rows: np.ndarray
-    views: dict[int, concurrent.futures.Future[ShardView]]
-    images: np.ndarray | None
-    draws: np.ndarray
-    labels: np.ndarray
-    ok: np.ndarray
-    extras: list[dict[str, Any]]
-    keys: list[str]
-    chunks: list[concurrent.futures.Future[None]]
 
 
 _END: Final = object()
@@ -173,6 +158,14 @@ class Loader:
                     f"data.device = {config.device!r} but CUDA is not available here; "
                     "leave it empty to stay on the CPU"
                 )
+        self.dali: DaliImageDecoder | None = None
+        if config.decode_backend == "dali" and self.image_fields:
+            device_id = self.device.index if self.device is not None else None
+            self.dali = DaliImageDecoder(
+                max_batch=self.per_rank_batch, size=config.image_size,
+                threads=config.decode_workers, device=config.decode_device, device_id=device_id,
+                hw_decoder_load=config.hw_decoder_load,
+            )  # fmt: skip
         # Pinned when batches go to a GPU: the copy then runs asynchronously on a side stream.
         on_gpu = self.device is not None and self.device.type == "cuda"
         self._buffers = BufferPool(pinned=on_gpu)
@@ -293,6 +286,7 @@ class _Run:
         self.steps = len(loader)
         self.start_step = start_step
         self.stop = threading.Event()
+        self.decoder = BatchDecoder(loader, epoch, self.stop)
         self.fetch_pool = concurrent.futures.ThreadPoolExecutor(
             config.fetch_workers, thread_name_prefix="shardflow-fetch"
         )
@@ -351,7 +345,7 @@ class _Run:
                 self._schedule(step)
                 shards, rows = self.order.shard_of(plan.samples)
                 count = len(plan.samples)
-                job = _Job(
+                job = Job(
                     step=step, samples=plan.samples, valid=plan.valid, shards=shards, rows=rows,
                     views={int(s): self._view(int(s)) for s in np.unique(shards)},
                     images=self._image_buffer(count) if loader.image_fields else None,
@@ -359,13 +353,16 @@ class _Run:
                     labels=np.full(count, -1, np.int64), ok=np.ones(count, bool),
                     extras=[{} for _ in range(count)], keys=[""] * count, chunks=[],
                 )  # fmt: skip
-                pieces = max(1, min(count, 2 * config.decode_workers))
-                bounds = np.linspace(0, count, pieces + 1).astype(int)
-                job.chunks = [
-                    self.decode_pool.submit(self._decode, job, int(lo), int(hi))
-                    for lo, hi in itertools.pairwise(bounds)
-                    if hi > lo
-                ]
+                if loader.dali is not None:  # DALI threads itself: one task per batch
+                    job.chunks = [self.decode_pool.submit(self.decoder.decode_with_dali, job)]
+                else:
+                    pieces = max(1, min(count, 2 * config.decode_workers))
+                    bounds = np.linspace(0, count, pieces + 1).astype(int)
+                    job.chunks = [
+                        self.decode_pool.submit(self.decoder.decode_range, job, int(lo), int(hi))
+                        for lo, hi in itertools.pairwise(bounds)
+                        if hi > lo
+                    ]
                 waited = time.perf_counter()
                 self._put(job)
                 loader._batch_stage.add_wait(wait_out_s=time.perf_counter() - waited)
@@ -386,103 +383,6 @@ class _Run:
             except queue.Full:
                 continue
 
-    # Decode side ---------------------------------------------------------------------------
-
-    def _decode(self, job: _Job, lo: int, hi: int) -> None:
-        loader = self.loader
-        stage = loader._decode_stage
-        started = time.perf_counter()
-        waited = 0.0
-        names = [f.name for f in loader.index.fields]
-        image_columns = [names.index(name) for name in loader.image_fields]
-        label_column = names.index(loader.label_field) if loader.label_field else -1
-        nbytes = 0
-        for i in range(lo, hi):
-            if self.stop.is_set():
-                return
-            shard = int(job.shards[i])
-            before = time.perf_counter()
-            view = job.views[shard].result()
-            waited += time.perf_counter() - before
-            row = int(job.rows[i])
-            key = view.table.keys[row]
-            job.keys[i] = key
-            offset = int(view.table.offsets[row]) if len(view.table.offsets) else None
-            if (self.epoch, key) in loader._skip_keys:
-                job.ok[i] = False
-                continue
-            try:
-                if row in view.bad:
-                    raise BadSampleError(view.bad[row], shard=view.entry.path, key=key,
-                                         offset=offset)  # fmt: skip
-                nbytes += self._decode_one(job, i, view, row, image_columns, label_column)
-            except (BadSampleError, ValueError, KeyError, UnicodeDecodeError) as error:
-                if loader.config.on_bad_sample == "raise":
-                    if isinstance(error, BadSampleError):
-                        raise
-                    raise BadSampleError(
-                        str(error), shard=view.entry.path, key=key, offset=offset,
-                        hint="set data.on_bad_sample = 'skip' to skip such samples",
-                    ) from error  # fmt: skip
-                job.ok[i] = False
-                reason = error.reason if isinstance(error, BadSampleError) else str(error)
-                log.warning("skipping sample %r of %s: %s", key, view.entry.path, reason)
-                loader.skipped.append((self.epoch, key, reason))
-                loader._skip_keys.add((self.epoch, key))
-                loader.metrics_.count(skipped=1)
-        elapsed = time.perf_counter() - started
-        stage.add(items=hi - lo, nbytes=nbytes, busy_s=elapsed - waited)
-        stage.add_wait(wait_in_s=waited)
-
-    def _decode_one(
-        self,
-        job: _Job,
-        i: int,
-        view: ShardView,
-        row: int,
-        image_columns: list[int],
-        label_column: int,
-    ) -> int:
-        loader = self.loader
-        nbytes = 0
-        if loader.index.format == "parquet":
-            record = view.parquet_row(row)
-            for field in loader.index.fields:
-                value = decode_column_value(field.kind, record.get(field.name))
-                if field.name in loader.image_fields and job.images is not None:
-                    if not isinstance(value, bytes):
-                        raise KeyError(f"missing image field {field.name!r}")
-                    decode_augment_into(value, loader.augment, job.draws[i].tolist(), job.images[i])
-                elif field.name == loader.label_field:
-                    if value is None:
-                        raise KeyError(f"missing field {field.name!r}")
-                    job.labels[i] = int(value)
-                else:
-                    job.extras[i][field.name] = value
-            return 0
-        if job.images is not None:
-            data = None
-            for column in image_columns:
-                data = view.member(row, column)
-                if data is not None:
-                    break
-            if data is None:
-                raise KeyError(f"no image field ({loader.image_fields}) in this sample")
-            decode_augment_into(data, loader.augment, job.draws[i].tolist(), job.images[i])
-            nbytes += len(data)
-        for column, field in enumerate(loader.index.fields):
-            if field.kind == "image" or column == label_column:
-                continue
-            member = view.member(row, column)
-            if member is not None:
-                job.extras[i][field.name] = codec.decode(field.kind, member)
-        if label_column >= 0:
-            member = view.member(row, label_column)
-            if member is None:
-                raise KeyError(f"missing field {loader.label_field!r}")
-            job.labels[i] = codec.decode("int", member)
-        return nbytes
-
     # Consumer side -------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Batch]:
@@ -499,7 +399,7 @@ class _Run:
                 return
             if isinstance(item, BaseException):
                 raise item
-            job: _Job = item
+            job: Job = item
             for chunk in job.chunks:
                 chunk.result()
             stall = time.perf_counter() - waited
@@ -512,11 +412,18 @@ class _Run:
                                   batch["__valid__"].tolist(), strict=True) if v])  # fmt: skip
             yield batch
 
-    def _assemble(self, job: _Job) -> Batch:
+    def _assemble(self, job: Job) -> Batch:
         keep = np.flatnonzero(job.ok)
         everything = len(keep) == len(job.ok)
         batch: Batch = {}
-        if job.images is not None:
+        if job.device_images is not None:  # pragma: no cover - DALI on a GPU
+            decoded, slots = job.device_images
+            rows = {slot: n for n, slot in enumerate(slots)}
+            order = [rows[int(i)] for i in keep if int(i) in rows]
+            if len(order) < len(keep):
+                raise DataError("DALI GPU batches cannot mix JPEGs with other image formats")
+            batch["image"] = decoded if order == list(range(len(slots))) else decoded[order]
+        elif job.images is not None:
             images = job.images if everything else job.images[keep]
             batch["image"] = torch.from_numpy(images)
         if self.loader.label_field:

@@ -39,9 +39,10 @@ from dataflow.pipeline import DataConfig, Loader
 GLOBAL_BATCH = 24
 
 
-def data_config(dataset: str) -> DataConfig:
+def data_config(dataset: str, backend: str = "cpu") -> DataConfig:
     """The one loader configuration every process of the test uses (same order, same crops)."""
     return DataConfig(
+        decode_backend=backend,  # type: ignore[arg-type]
         url=dataset,
         global_batch=GLOBAL_BATCH,
         image_size=16,
@@ -68,7 +69,8 @@ def run_job(
     world_size: int | None = None,
 ) -> int:
     """Run one job (see the module docstring); returns the number of batches delivered."""
-    loader = Loader(data_config(dataset), rank=rank, world_size=world_size)
+    loader = Loader(data_config(dataset, job.get("backend", "cpu")), rank=rank,
+                    world_size=world_size)  # fmt: skip
     name, steps, load = job["name"], job.get("steps"), job.get("load")
     if load:
         loader.load_state_dict(json.loads(Path(load).read_text()))

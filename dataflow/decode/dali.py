@@ -1,0 +1,141 @@
+"""NVIDIA DALI as the decode stage: our order, read-ahead, cache and crops; DALI's decoders.
+
+The loader keeps everything that makes a run exact — the epoch order, the shards, and the
+crop of every sample (``crop_box`` on uniforms hashed from (seed, epoch, sample id)) — and
+hands DALI one batch of *encoded* bytes plus each sample's crop window and flip through
+``fn.external_source``. DALI then decodes only that window (``fn.decoders.image_slice``:
+libjpeg-turbo on the CPU with ``device_id=None``; nvJPEG with the hardware JPEG decoder on
+GPUs that have one, ``hw_decoder_load`` of the work sent to it), resizes and mirrors. So the
+DALI path has the CPU path's config surface, output (uint8, N×H×W×3) and crop statistics by
+construction (measured mean |Δ| ≈ 0.1 grey level per pixel, from the resize kernels), and a
+resumed run gets the same crops because DALI holds no random state of ours.
+
+Bad input: DALI decodes a truncated or corrupt JPEG with a libjpeg *warning* and grey
+fill, not an error, so the loader screens each JPEG first (header parse, end-of-image
+marker) and applies its skip/raise policy there. A batch DALI still cannot decode raises
+inside ``run()``; the loader then finds the bad samples with its own full decoder and runs
+the batch again without them (pipeline/decoding.py). Damage inside the entropy-coded data
+of a complete JPEG passes, as in the CPU path outside the crop: conversion-time validation
+and the checksums guard against that.
+Measured on 2 CPU cores, ~33 KB photos: ~750 samples/s through the DALI CPU pipeline.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def import_dali() -> Any:
+    try:
+        import nvidia.dali as dali
+    except ImportError:
+        raise ImportError(
+            "data.decode_backend = 'dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 "
+            "(or pip install 'shardflow[dali]'); its CPU pipelines run without a GPU"
+        ) from None
+    return dali
+
+
+class DaliDecodeError(RuntimeError):
+    """DALI could not decode a batch (one or more samples are bad)."""
+
+
+class DaliImageDecoder:
+    """One DALI pipeline per loader; ``decode`` is called by one thread at a time."""
+
+    def __init__(
+        self,
+        *,
+        max_batch: int,
+        size: int,
+        threads: int,
+        device: str = "cpu",
+        device_id: int | None = None,
+        hw_decoder_load: float = 0.65,
+    ) -> None:
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"DALI decode device must be 'cpu' or 'gpu', got {device!r}")
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ValueError("data.decode_device = 'gpu' but CUDA is not available here")
+        self.max_batch = max_batch
+        self.size = size
+        self.threads = threads
+        self.device = device
+        self.device_id = device_id if device == "gpu" else None
+        if device == "gpu" and self.device_id is None:
+            self.device_id = torch.cuda.current_device()
+        self.hw_decoder_load = hw_decoder_load
+        self._pipeline: Any = None
+        self._lock = threading.Lock()
+
+    def _build(self) -> Any:
+        dali = import_dali()
+        fn, types = dali.fn, dali.types
+        decoder_device = "mixed" if self.device == "gpu" else "cpu"
+        size = self.size
+        hw_load = self.hw_decoder_load
+
+        @dali.pipeline_def(
+            batch_size=self.max_batch, num_threads=self.threads, device_id=self.device_id,
+            prefetch_queue_depth=1, exec_async=False, exec_pipelined=False,
+        )  # fmt: skip
+        def pipeline() -> Any:
+            jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, batch=True)
+            anchors = fn.external_source(name="anchors", dtype=types.FLOAT, batch=True)
+            shapes = fn.external_source(name="shapes", dtype=types.FLOAT, batch=True)
+            flips = fn.external_source(name="flips", dtype=types.INT32, batch=True)
+            extra = {"hw_decoder_load": hw_load} if decoder_device == "mixed" else {}
+            images = fn.decoders.image_slice(
+                jpegs, anchors, shapes, device=decoder_device, output_type=types.RGB,
+                axis_names="HW", normalized_anchor=False, normalized_shape=False, **extra,
+            )  # fmt: skip
+            # Linear, antialiased when shrinking: the CPU path's bilinear / area resize.
+            images = fn.resize(
+                images, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR,
+                antialias=True,
+            )  # fmt: skip
+            return fn.flip(images, horizontal=flips)
+
+        built = pipeline()
+        built.build()
+        return built
+
+    def decode(
+        self,
+        encoded: Sequence[bytes | memoryview],
+        boxes: Sequence[tuple[int, int, int, int, bool]],
+    ) -> np.ndarray | torch.Tensor:
+        """N×size×size×3 uint8: a NumPy array on the CPU, a CUDA tensor on the GPU."""
+        if not encoded:
+            return np.empty((0, self.size, self.size, 3), np.uint8)
+        with self._lock:
+            if self._pipeline is None:
+                self._pipeline = self._build()
+            pipeline = self._pipeline
+            pipeline.feed_input("jpegs", [np.frombuffer(data, np.uint8) for data in encoded])
+            pipeline.feed_input("anchors", [np.array(b[:2], np.float32) for b in boxes])
+            pipeline.feed_input("shapes", [np.array(b[2:4], np.float32) for b in boxes])
+            pipeline.feed_input("flips", [np.array(int(b[4]), np.int32) for b in boxes])
+            try:
+                (images,) = pipeline.run()
+            except RuntimeError as error:
+                # A failed run leaves the pipeline unusable: build a fresh one next time.
+                self._pipeline = None
+                raise DaliDecodeError(str(error).splitlines()[0]) from None
+            if self.device == "gpu":  # pragma: no cover - needs a GPU
+                return _to_cuda_tensor(images.as_tensor(), self.device_id)
+            return np.asarray(images.as_tensor())
+
+
+def _to_cuda_tensor(tensor: Any, device_id: int | None) -> torch.Tensor:  # pragma: no cover
+    """A DALI GPU tensor copied device-to-device into a torch tensor: no host round trip."""
+    from nvidia.dali.plugin.pytorch import feed_ndarray
+
+    out = torch.empty(tensor.shape(), dtype=torch.uint8, device=f"cuda:{device_id or 0}")
+    feed_ndarray(tensor, out, cuda_stream=torch.cuda.current_stream(out.device))
+    return out

@@ -1,0 +1,257 @@
+"""Decoding one batch: samples out of fetched shards into the batch's preallocated arrays.
+
+The CPU path (``decode_range``) runs in chunks on the decode thread pool; the DALI path
+(``decode_with_dali``) runs once per batch and hands the JPEGs to DALI with our crop
+windows. Both share the bad-sample policy (``reject``): raise naming shard, key and byte
+offset, or skip — the sample is dropped from its batch, counted, logged and recorded in the
+loader's state so that a resumed run skips it too.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from dataflow.decode.dali import DaliDecodeError
+from dataflow.decode.image import crop_box, decode_augment_into, jpeg_size
+from dataflow.errors import BadSampleError
+from dataflow.formats import codec
+from dataflow.formats.codec import check_image, is_jpeg
+from dataflow.formats.parquet import decode_column_value
+from dataflow.pipeline.shards import ShardView
+
+if TYPE_CHECKING:
+    from dataflow.pipeline.loader import Loader
+
+log = logging.getLogger(__name__)
+
+# What a bad sample raises while it is decoded; the on_bad_sample policy handles these.
+BAD_SAMPLE_ERRORS = (BadSampleError, ValueError, KeyError, UnicodeDecodeError)
+
+
+def _decodes(data: bytes | memoryview) -> bool:
+    try:
+        check_image(data)
+        return True
+    except ValueError:
+        return False
+
+
+@dataclass
+class Job:
+    """One step's batch on its way: what to decode, where it goes, what came out."""
+
+    step: int
+    samples: np.ndarray
+    valid: np.ndarray
+    shards: np.ndarray
+    rows: np.ndarray
+    views: dict[int, concurrent.futures.Future[ShardView]]
+    images: np.ndarray | None
+    draws: np.ndarray
+    labels: np.ndarray
+    ok: np.ndarray
+    extras: list[dict[str, Any]]
+    keys: list[str]
+    chunks: list[concurrent.futures.Future[None]]
+    device_images: tuple[torch.Tensor, list[int]] | None = None
+    """DALI on a GPU: the decoded CUDA tensor and the batch slots its rows belong to."""
+
+
+class BatchDecoder:
+    """The decode side of one pass over an epoch (see the module docstring)."""
+
+    def __init__(self, loader: Loader, epoch: int, stop: threading.Event) -> None:
+        self.loader = loader
+        self.epoch = epoch
+        self.stop = stop
+
+    def decode_range(self, job: Job, lo: int, hi: int) -> None:
+        loader = self.loader
+        stage = loader._decode_stage
+        started = time.perf_counter()
+        waited = 0.0
+        names = [f.name for f in loader.index.fields]
+        image_columns = [names.index(name) for name in loader.image_fields]
+        label_column = names.index(loader.label_field) if loader.label_field else -1
+        nbytes = 0
+        for i in range(lo, hi):
+            if self.stop.is_set():
+                return
+            shard = int(job.shards[i])
+            before = time.perf_counter()
+            view = job.views[shard].result()
+            waited += time.perf_counter() - before
+            row = int(job.rows[i])
+            key = view.table.keys[row]
+            job.keys[i] = key
+            offset = int(view.table.offsets[row]) if len(view.table.offsets) else None
+            if (self.epoch, key) in loader._skip_keys:
+                job.ok[i] = False
+                continue
+            try:
+                if row in view.bad:
+                    raise BadSampleError(view.bad[row], shard=view.entry.path, key=key,
+                                         offset=offset)  # fmt: skip
+                nbytes += self.decode_one(job, i, view, row, image_columns, label_column)
+            except BAD_SAMPLE_ERRORS as error:
+                self.reject(job, i, view, key, offset, error)
+        elapsed = time.perf_counter() - started
+        stage.add(items=hi - lo, nbytes=nbytes, busy_s=elapsed - waited)
+        stage.add_wait(wait_in_s=waited)
+
+    def reject(
+        self, job: Job, i: int, view: ShardView, key: str, offset: int | None, error: Exception
+    ) -> None:
+        """Apply on_bad_sample: raise naming shard, key and offset, or skip and record."""
+        loader = self.loader
+        if loader.config.on_bad_sample == "raise":
+            if isinstance(error, BadSampleError):
+                raise error
+            raise BadSampleError(
+                str(error), shard=view.entry.path, key=key, offset=offset,
+                hint="set data.on_bad_sample = 'skip' to skip such samples",
+            ) from error  # fmt: skip
+        job.ok[i] = False
+        reason = error.reason if isinstance(error, BadSampleError) else str(error)
+        log.warning("skipping sample %r of %s: %s", key, view.entry.path, reason)
+        loader.skipped.append((self.epoch, key, reason))
+        loader._skip_keys.add((self.epoch, key))
+        loader.metrics_.count(skipped=1)
+
+    def decode_with_dali(self, job: Job) -> None:
+        """Crops, labels and checks here; decode + crop + resize + flip of JPEGs in DALI."""
+        loader = self.loader
+        assert loader.dali is not None
+        stage = loader._decode_stage
+        started = time.perf_counter()
+        waited = 0.0
+        names = [f.name for f in loader.index.fields]
+        image_columns = [names.index(name) for name in loader.image_fields]
+        label_column = names.index(loader.label_field) if loader.label_field else -1
+        encoded: list[memoryview] = []
+        boxes: list[tuple[int, int, int, int, bool]] = []
+        slots: list[int] = []
+        places: dict[int, tuple[ShardView, str, int | None]] = {}
+        nbytes = 0
+        for i in range(len(job.samples)):
+            if self.stop.is_set():
+                return
+            before = time.perf_counter()
+            view = job.views[int(job.shards[i])].result()
+            waited += time.perf_counter() - before
+            row = int(job.rows[i])
+            key = view.table.keys[row]
+            job.keys[i] = key
+            offset = int(view.table.offsets[row]) if len(view.table.offsets) else None
+            places[i] = (view, key, offset)
+            if (self.epoch, key) in loader._skip_keys:
+                job.ok[i] = False
+                continue
+            try:
+                if row in view.bad:
+                    raise BadSampleError(view.bad[row], shard=view.entry.path, key=key,
+                                         offset=offset)  # fmt: skip
+                data = next((d for c in image_columns if (d := view.member(row, c)) is not None),
+                            None)  # fmt: skip
+                if data is None or not is_jpeg(data) or job.images is None:
+                    # Not a JPEG (or no image): the CPU path handles it, same crop rule.
+                    nbytes += self.decode_one(job, i, view, row, image_columns, label_column)
+                    continue
+                height, width = jpeg_size(data)
+                # DALI decodes a truncated or corrupt JPEG with a warning, not an error, and
+                # fills what is missing with grey: refuse what a cheap look can see is cut.
+                if b"\xff\xd9" not in bytes(data[-1024:]):
+                    raise ValueError("truncated JPEG: no end-of-image marker")
+                self.fields_into(job, i, view, row, label_column)
+                encoded.append(data)
+                boxes.append(crop_box(height, width, loader.augment, job.draws[i].tolist()))
+                slots.append(i)
+                nbytes += len(data)
+            except BAD_SAMPLE_ERRORS as error:
+                self.reject(job, i, view, key, offset, error)
+        while encoded:
+            try:
+                images = loader.dali.decode(encoded, boxes)
+                break
+            except DaliDecodeError as error:
+                # Find the samples DALI choked on with our own (full) decoder, drop them,
+                # and run the batch again.
+                bad = [k for k, data in enumerate(encoded) if not _decodes(data)]
+                if not bad:
+                    raise BadSampleError(f"DALI failed on a batch: {error}") from error
+                for k in reversed(bad):
+                    view, key, offset = places[slots[k]]
+                    self.reject(job, slots[k], view, key, offset, ValueError(str(error)))
+                    del encoded[k], boxes[k], slots[k]
+        else:
+            images = None
+        if images is not None and job.images is not None:
+            if isinstance(images, torch.Tensor):  # pragma: no cover - DALI on a GPU
+                job.device_images = (images, slots)
+            else:
+                job.images[slots] = images
+        stage.add(items=len(job.samples), nbytes=nbytes,
+                  busy_s=time.perf_counter() - started - waited)  # fmt: skip
+        stage.add_wait(wait_in_s=waited)
+
+    def fields_into(self, job: Job, i: int, view: ShardView, row: int, label_column: int) -> None:
+        """The label and the non-image fields of one tar sample."""
+        loader = self.loader
+        for column, field in enumerate(loader.index.fields):
+            if field.kind == "image" or column == label_column:
+                continue
+            member = view.member(row, column)
+            if member is not None:
+                job.extras[i][field.name] = codec.decode(field.kind, member)
+        if label_column >= 0:
+            member = view.member(row, label_column)
+            if member is None:
+                raise KeyError(f"missing field {loader.label_field!r}")
+            job.labels[i] = codec.decode("int", member)
+
+    def decode_one(
+        self,
+        job: Job,
+        i: int,
+        view: ShardView,
+        row: int,
+        image_columns: list[int],
+        label_column: int,
+    ) -> int:
+        loader = self.loader
+        nbytes = 0
+        if loader.index.format == "parquet":
+            record = view.parquet_row(row)
+            for field in loader.index.fields:
+                value = decode_column_value(field.kind, record.get(field.name))
+                if field.name in loader.image_fields and job.images is not None:
+                    if not isinstance(value, bytes):
+                        raise KeyError(f"missing image field {field.name!r}")
+                    decode_augment_into(value, loader.augment, job.draws[i].tolist(), job.images[i])
+                elif field.name == loader.label_field:
+                    if value is None:
+                        raise KeyError(f"missing field {field.name!r}")
+                    job.labels[i] = int(value)
+                else:
+                    job.extras[i][field.name] = value
+            return 0
+        if job.images is not None:
+            data = None
+            for column in image_columns:
+                data = view.member(row, column)
+                if data is not None:
+                    break
+            if data is None:
+                raise KeyError(f"no image field ({loader.image_fields}) in this sample")
+            decode_augment_into(data, loader.augment, job.draws[i].tolist(), job.images[i])
+            nbytes += len(data)
+        self.fields_into(job, i, view, row, label_column)
+        return nbytes

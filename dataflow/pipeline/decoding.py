@@ -85,16 +85,9 @@ class BatchDecoder:
         for i in range(lo, hi):
             if self.stop.is_set():
                 return
-            shard = int(job.shards[i])
-            before = time.perf_counter()
-            view = job.views[shard].result()
-            waited += time.perf_counter() - before
-            row = int(job.rows[i])
-            key = view.table.keys[row]
-            job.keys[i] = key
-            offset = int(view.table.offsets[row]) if len(view.table.offsets) else None
-            if (self.epoch, key) in loader._skip_keys:
-                job.ok[i] = False
+            view, row, key, offset, wait = self._open(job, i)
+            waited += wait
+            if not job.ok[i]:
                 continue
             try:
                 if row in view.bad:
@@ -106,6 +99,20 @@ class BatchDecoder:
         elapsed = time.perf_counter() - started
         stage.add(items=hi - lo, nbytes=nbytes, busy_s=elapsed - waited)
         stage.add_wait(wait_in_s=waited)
+
+    def _open(self, job: Job, i: int) -> tuple[ShardView, int, str, int | None, float]:
+        """Sample ``i``'s shard (waiting for its fetch), row, key and byte offset, and the
+        seconds waited; a sample the state records as skipped is marked not ok."""
+        before = time.perf_counter()
+        view = job.views[int(job.shards[i])].result()
+        waited = time.perf_counter() - before
+        row = int(job.rows[i])
+        key = view.table.keys[row]
+        job.keys[i] = key
+        offset = int(view.table.offsets[row]) if len(view.table.offsets) else None
+        if (self.epoch, key) in self.loader._skip_keys:
+            job.ok[i] = False
+        return view, row, key, offset, waited
 
     def reject(
         self, job: Job, i: int, view: ShardView, key: str, offset: int | None, error: Exception
@@ -144,16 +151,10 @@ class BatchDecoder:
         for i in range(len(job.samples)):
             if self.stop.is_set():
                 return
-            before = time.perf_counter()
-            view = job.views[int(job.shards[i])].result()
-            waited += time.perf_counter() - before
-            row = int(job.rows[i])
-            key = view.table.keys[row]
-            job.keys[i] = key
-            offset = int(view.table.offsets[row]) if len(view.table.offsets) else None
+            view, row, key, offset, wait = self._open(job, i)
+            waited += wait
             places[i] = (view, key, offset)
-            if (self.epoch, key) in loader._skip_keys:
-                job.ok[i] = False
+            if not job.ok[i]:
                 continue
             try:
                 if row in view.bad:

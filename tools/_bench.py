@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+import tempfile
 import time
 from importlib import metadata
+from typing import Any
 
 from dataflow.errors import DataError
 
@@ -112,3 +114,46 @@ def plot_bars(names: list[str], rates: list[float], path: str, title: str, unit:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def dali_own_rate(
+    shards_root: str, *, batch: int, threads: int, decoder: str = "cpu", warmup: bool = False
+) -> float:
+    """samples/s of DALI's own pipeline over our shards: readers.webdataset (index files
+    derived from our sample tables) → decoders.image_random_crop → resize 224 → flip."""
+    from dataflow.decode.dali import import_dali
+    from dataflow.formats.tar import dali_index_text
+    from dataflow.index import DatasetIndex, load_table
+
+    dali = import_dali()
+    fn, types = dali.fn, dali.types
+    index = DatasetIndex.load(shards_root)
+    with tempfile.TemporaryDirectory() as directory:
+        paths, index_paths = [], []
+        for shard in index.shards:
+            index_path = os.path.join(directory, shard.path + ".idx")
+            with open(index_path, "w") as handle:
+                handle.write(dali_index_text(load_table(shards_root, index, shard), index.fields))
+            paths.append(os.path.join(shards_root, shard.path))
+            index_paths.append(index_path)
+
+        @dali.pipeline_def(batch_size=batch, num_threads=threads, seed=SEED,
+                           device_id=0 if decoder == "mixed" else None)  # fmt: skip
+        def pipeline() -> Any:
+            jpegs, _ = fn.readers.webdataset(
+                paths=paths, index_paths=index_paths, ext=["jpg", "cls"], random_shuffle=True,
+                initial_fill=1024,
+            )  # fmt: skip
+            images = fn.decoders.image_random_crop(jpegs, device=decoder, output_type=types.RGB)
+            images = fn.resize(images, resize_x=224, resize_y=224)
+            return fn.flip(images, horizontal=fn.random.coin_flip())
+
+        built = pipeline()
+        built.build()
+        steps = -(-index.num_samples // batch)
+        for _ in range(steps if warmup else 0):
+            built.run()
+        started = time.perf_counter()
+        for _ in range(steps):
+            built.run()
+        return steps * batch / (time.perf_counter() - started)

@@ -43,7 +43,7 @@ from typing import Any
 
 import _cli
 import numpy as np
-from _bench import SEED, machine, plot_bars, prepare_photos
+from _bench import SEED, dali_own_rate, machine, plot_bars, prepare_photos
 
 from dataflow import storage
 from dataflow.convert.config import ConvertConfig
@@ -107,47 +107,6 @@ def run_reference(photos: list[bytes], size: int) -> float:
         if flip:
             cv2.flip(out, 1, dst=out)
     return len(photos) / (time.perf_counter() - started)
-
-
-def run_dali_reader(shards_root: str, threads: int, batch: int) -> float:
-    """DALI's own pipeline: readers.webdataset → decoders.image_random_crop → resize → flip."""
-    import tempfile
-
-    from dataflow.decode.dali import import_dali
-    from dataflow.formats.tar import dali_index_text
-    from dataflow.index import load_table
-
-    index = DatasetIndex.load(shards_root)
-    with tempfile.TemporaryDirectory() as directory:
-        paths, index_paths = [], []
-        for shard in index.shards:
-            table = load_table(shards_root, index, shard)
-            index_path = os.path.join(directory, shard.path + ".idx")
-            with open(index_path, "w") as handle:
-                handle.write(dali_index_text(table, index.fields))
-            paths.append(os.path.join(shards_root, shard.path))
-            index_paths.append(index_path)
-
-        dali = import_dali()
-        fn, types = dali.fn, dali.types
-
-        @dali.pipeline_def(batch_size=batch, num_threads=threads, device_id=None, seed=SEED)
-        def pipeline() -> Any:
-            jpegs, _ = fn.readers.webdataset(
-                paths=paths, index_paths=index_paths, ext=["jpg", "cls"], random_shuffle=True,
-                initial_fill=1024, name="reader",
-            )  # fmt: skip
-            images = fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB)
-            images = fn.resize(images, resize_x=224, resize_y=224)
-            return fn.flip(images, horizontal=fn.random.coin_flip())
-
-        built = pipeline()
-        built.build()
-        samples = index.num_samples
-        started = time.perf_counter()
-        for _ in range(-(-samples // batch)):
-            built.run()
-        return samples / (time.perf_counter() - started)
 
 
 def _decode_for_pool(item: tuple[bytes, list[float]]) -> np.ndarray:
@@ -354,7 +313,7 @@ def main() -> int:
             for _ in range(args.repeat)
         )  # fmt: skip
         results["DALI's own pipeline"] = max(
-            run_dali_reader(shards, cores, 64) for _ in range(args.repeat)
+            dali_own_rate(shards, batch=64, threads=cores) for _ in range(args.repeat)
         )
         dali_own = results["DALI's own pipeline"]
         say(

@@ -26,14 +26,12 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any
 
 import _cli
 import torch
-from _bench import machine, prepare_photos
+from _bench import dali_own_rate, machine, prepare_photos
 from bench_io import prepare_shards
 
-from dataflow.decode.dali import import_dali
 from dataflow.pipeline import DataConfig, Loader
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,45 +48,6 @@ def epoch_rate(config: DataConfig) -> float:
         samples += len(batch["__key__"])
     torch.cuda.synchronize()
     return samples / (time.perf_counter() - started)
-
-
-def dali_own_rate(shards: str, batch: int, threads: int) -> float:
-    import tempfile
-
-    from dataflow.formats.tar import dali_index_text
-    from dataflow.index import DatasetIndex, load_table
-
-    dali = import_dali()
-    fn, types = dali.fn, dali.types
-    index = DatasetIndex.load(shards)
-    with tempfile.TemporaryDirectory() as directory:
-        paths, index_paths = [], []
-        for shard in index.shards:
-            index_path = os.path.join(directory, shard.path + ".idx")
-            with open(index_path, "w") as handle:
-                handle.write(dali_index_text(load_table(shards, index, shard), index.fields))
-            paths.append(os.path.join(shards, shard.path))
-            index_paths.append(index_path)
-
-        @dali.pipeline_def(batch_size=batch, num_threads=threads, device_id=0, seed=0)
-        def pipeline() -> Any:
-            jpegs, _ = fn.readers.webdataset(
-                paths=paths, index_paths=index_paths, ext=["jpg", "cls"], random_shuffle=True,
-                initial_fill=1024,
-            )  # fmt: skip
-            images = fn.decoders.image_random_crop(jpegs, device="mixed", output_type=types.RGB)
-            images = fn.resize(images, resize_x=224, resize_y=224)
-            return fn.flip(images, horizontal=fn.random.coin_flip())
-
-        built = pipeline()
-        built.build()
-        steps = -(-index.num_samples // batch)
-        for _ in range(steps):  # warm-up epoch
-            built.run()
-        started = time.perf_counter()
-        for _ in range(steps):
-            built.run()
-        return steps * batch / (time.perf_counter() - started)
 
 
 def main() -> int:
@@ -110,7 +69,9 @@ def main() -> int:
             dataclasses.replace(base, decode_backend="dali", decode_device="gpu")
         ),
         "ours, CPU decode": epoch_rate(base),
-        "DALI's own pipeline (mixed)": dali_own_rate(shards, 256, threads),
+        "DALI's own pipeline (mixed)": dali_own_rate(
+            shards, batch=256, threads=threads, decoder="mixed", warmup=True
+        ),
     }
     for name, rate in results.items():
         print(f"{name:<32}{rate:>10.0f} samples/s")

@@ -72,15 +72,16 @@ class BatchDecoder:
         self.loader = loader
         self.epoch = epoch
         self.stop = stop
+        names = [f.name for f in loader.index.fields]
+        self.image_columns = [names.index(name) for name in loader.image_fields]
+        self.label_column = names.index(loader.label_field) if loader.label_field else -1
 
     def decode_range(self, job: Job, lo: int, hi: int) -> None:
         loader = self.loader
         stage = loader._decode_stage
         started = time.perf_counter()
         waited = 0.0
-        names = [f.name for f in loader.index.fields]
-        image_columns = [names.index(name) for name in loader.image_fields]
-        label_column = names.index(loader.label_field) if loader.label_field else -1
+        image_columns, label_column = self.image_columns, self.label_column
         nbytes = 0
         for i in range(lo, hi):
             if self.stop.is_set():
@@ -140,9 +141,7 @@ class BatchDecoder:
         stage = loader._decode_stage
         started = time.perf_counter()
         waited = 0.0
-        names = [f.name for f in loader.index.fields]
-        image_columns = [names.index(name) for name in loader.image_fields]
-        label_column = names.index(loader.label_field) if loader.label_field else -1
+        image_columns, label_column = self.image_columns, self.label_column
         encoded: list[memoryview] = []
         boxes: list[tuple[int, int, int, int, bool]] = []
         slots: list[int] = []

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints-dev.txt dataflow/decode/_roijpeg.c | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck pytest venv clean bench-convert
+.PHONY: demo test lint typecheck pytest venv clean bench-convert bench-io
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ test: lint typecheck pytest
 
 bench-convert: $(STAMP)
 	$(PY) tools/bench_convert.py
+
+bench-io: $(STAMP)
+	$(PY) tools/bench_io.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

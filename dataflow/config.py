@@ -199,11 +199,6 @@ def build(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         raise ConfigError(f"[{where or cls.__name__}] {error}") from None
 
 
-def to_dict(config: Any) -> dict[str, Any]:
-    """Plain dict (TOML-ready) view of a config tree."""
-    return dataclasses.asdict(config)
-
-
 # ---------------------------------------------------------------------------------------------
 # Overrides and files
 

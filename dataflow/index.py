@@ -19,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Final
 
@@ -303,7 +302,3 @@ def load_table(
             f"sample table {shard.table} lists {len(table)} samples, index.json {shard.samples}"
         )
     return table
-
-
-def field_names(fields: Sequence[Field]) -> list[str]:
-    return [f.name for f in fields]

@@ -3,6 +3,7 @@ errors that say what to fix; CLI overrides reach any field."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,6 @@ from dataflow.config import (
     load_config,
     parse_bytes,
     split_overrides,
-    to_dict,
 )
 from trainer.config import Config, load
 
@@ -160,7 +160,7 @@ class _Outer:
 def test_dump_and_reload_round_trip(tmp_path: Path) -> None:
     config = load_config(_Outer, None, ["inner.size=2KiB", "inner.names=['x']", "flag=true"])
     path = tmp_path / "round.toml"
-    path.write_text(dumps_toml(to_dict(config)))
+    path.write_text(dumps_toml(dataclasses.asdict(config)))
     assert load_config(_Outer, path) == config
 
 

@@ -91,9 +91,7 @@ class BatchDecoder:
             if not job.ok[i]:
                 continue
             try:
-                if row in view.bad:
-                    raise BadSampleError(view.bad[row], shard=view.entry.path, key=key,
-                                         offset=offset)  # fmt: skip
+                self._raise_if_fetched_bad(view, row, key, offset)
                 nbytes += self.decode_one(job, i, view, row, image_columns, label_column)
             except BAD_SAMPLE_ERRORS as error:
                 self.reject(job, i, view, key, offset, error)
@@ -114,6 +112,12 @@ class BatchDecoder:
         if (self.epoch, key) in self.loader._skip_keys:
             job.ok[i] = False
         return view, row, key, offset, waited
+
+    @staticmethod
+    def _raise_if_fetched_bad(view: ShardView, row: int, key: str, offset: int | None) -> None:
+        """A sample the fetch found damaged (after its re-reads) enters the policy here."""
+        if row in view.bad:
+            raise BadSampleError(view.bad[row], shard=view.entry.path, key=key, offset=offset)
 
     def reject(
         self, job: Job, i: int, view: ShardView, key: str, offset: int | None, error: Exception
@@ -156,9 +160,7 @@ class BatchDecoder:
             if not job.ok[i]:
                 continue
             try:
-                if row in view.bad:
-                    raise BadSampleError(view.bad[row], shard=view.entry.path, key=key,
-                                         offset=offset)  # fmt: skip
+                self._raise_if_fetched_bad(view, row, key, offset)
                 data = next((d for c in image_columns if (d := view.member(row, c)) is not None),
                             None)  # fmt: skip
                 if data is None or not is_jpeg(data) or job.images is None:

@@ -11,6 +11,7 @@ bad, with the reason — the rest of the shard stays usable.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -18,7 +19,14 @@ import pyarrow.parquet as pq
 
 from dataflow import storage
 from dataflow.errors import BadShardError
-from dataflow.index import DatasetIndex, SampleTable, ShardEntry, checksum, sample_digest
+from dataflow.index import (
+    DatasetIndex,
+    SampleTable,
+    ShardEntry,
+    checksum,
+    load_table,
+    sample_digest,
+)
 from dataflow.metrics import StageMetrics
 from dataflow.storage import StorageConfig
 from dataflow.storage.cache import ShardCache
@@ -37,6 +45,7 @@ class ShardView:
     bad: dict[int, str] = field(default_factory=dict)
     """Row → reason, for samples that failed their checks (or all rows of a lost shard)."""
     _rows: list[dict[str, object]] | None = None
+    _rows_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def member(self, row: int, column: int) -> memoryview | None:
         """The bytes of one field of one sample (tar), or None if the sample lacks it."""
@@ -47,8 +56,9 @@ class ShardView:
 
     def parquet_row(self, row: int) -> dict[str, object]:
         """One row of a Parquet shard (the table is decoded once, on first use)."""
-        if self._rows is None:
-            self._rows = pq.read_table(pa.BufferReader(bytes(self.data))).to_pylist()
+        with self._rows_lock:  # decode threads share a view: decode the table once, not per thread
+            if self._rows is None:
+                self._rows = pq.read_table(pa.BufferReader(bytes(self.data))).to_pylist()
         return self._rows[row]
 
 
@@ -75,8 +85,6 @@ class ShardFetcher:
     def table(self, number: int) -> SampleTable:
         table = self._tables.get(number)
         if table is None:
-            from dataflow.index import load_table
-
             table = load_table(self.root, self.index, self.index.shards[number], config=self.config)
             self._tables[number] = table
         return table

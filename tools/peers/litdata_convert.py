@@ -27,6 +27,8 @@ from importlib import metadata
 # litdata may ask PyPI whether it is the newest release; never inside a timed run.
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
+# This script runs in .venv-peers, where shardflow is not installed, so it cannot share
+# tools/_bench.py's list_images; the two must list the same files in the same order.
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 
 

@@ -1,7 +1,9 @@
 """The root of the config tree: one section per component, as written in ``configs/*.toml``.
 
 Every tool loads its file through ``load`` here, so any file in ``configs/`` works with any
-tool, and an unknown section or key is an error naming the closest valid one.
+tool, and an unknown section or key is an error naming the closest valid one. The data
+sections come from ``dataflow``; the trainer's own sections (``train``, ``model``,
+``parallel``, ``optim``, ``checkpoint``) are defined here.
 """
 
 from __future__ import annotations
@@ -9,11 +11,165 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from dataflow.config import load_config
 from dataflow.convert.config import ConvertConfig
 from dataflow.pipeline.config import DataConfig
 from dataflow.storage.config import StorageConfig
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    out_dir: str = "out/train"
+    """Where metrics.jsonl, the audit log, checkpoints and the plot go."""
+    epochs: int = 1
+    """Passes over the training set."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in all (0: run all epochs)."""
+    seed: int = 0
+    """Seed of the weight init (per parameter name, so any parallel layout starts alike)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """auto: CUDA (NCCL) when a GPU is present, else CPU (gloo)."""
+    mixed_precision: Literal["none", "bf16"] = "none"
+    """bf16: compute in bfloat16 (autocast, or FSDP's param dtype), master weights in fp32."""
+    activation_checkpointing: bool = False
+    """Recompute each block's activations in backward instead of keeping them."""
+    deterministic: bool = True
+    """Deterministic kernels (CPU results then repeat bit for bit across runs and resumes)."""
+    grad_clip: float = 0.0
+    """Clip the global gradient norm to this value (0: no clipping)."""
+    log_every: int = 1
+    """Steps between metrics.jsonl lines and progress-line updates."""
+    eval_url: str = ""
+    """Held-out split (a dataset root); evaluated after each epoch. Empty: no evaluation."""
+    progress: bool = True
+    """Show a progress line on rank 0."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: Literal["cnn", "gpt"] = "cnn"
+    """cnn: a small ResNet for image shards; gpt: a small decoder-only transformer for tokens."""
+    num_classes: int = 0
+    """CNN classes (0: the number of classes recorded in the dataset's index)."""
+    width: int = 32
+    """CNN: channels of the first stage (doubled at each later stage)."""
+    blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
+    """CNN: residual blocks per stage."""
+    vocab_size: int = 1024
+    """GPT: token ids lie in [0, vocab_size)."""
+    seq_len: int = 64
+    """GPT: tokens per training sequence (each sample holds seq_len + 1 tokens)."""
+    dim: int = 128
+    """GPT: model width."""
+    layers: int = 4
+    """GPT: transformer blocks."""
+    heads: int = 4
+    """GPT: attention heads (divisible by parallel.tp)."""
+    token_field: str = "tokens"
+    """GPT: the field holding each sample's tokens."""
+
+    def __post_init__(self) -> None:
+        for name in ("width", "vocab_size", "seq_len", "dim", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_classes < 0:
+            raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
+        if not self.blocks or min(self.blocks) < 1:
+            raise ValueError(f"model.blocks needs >= 1 block per stage, got {self.blocks}")
+        if self.dim % self.heads:
+            raise ValueError(f"model.dim {self.dim} is not divisible by heads {self.heads}")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    dp_replicate: int = -1
+    """Replicas that all-reduce gradients (DDP; HSDP's outer dimension). -1: what is left."""
+    dp_shard: int = 1
+    """Ranks that shard parameters, gradients and optimizer state (FSDP2)."""
+    tp: int = 1
+    """Tensor-parallel degree (DTensor column/row plans; GPT only)."""
+    pp: int = 1
+    """Pipeline stages over ranks (torch.distributed.pipelining)."""
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = "1f1b"
+    """Pipeline schedule; interleaved runs stages_per_rank stages on each rank."""
+    microbatches: int = 4
+    """Microbatches per step with pp > 1 (the per-rank batch must divide by it)."""
+    stages_per_rank: int = 2
+    """Stages on each rank with the interleaved schedule (1 for the others)."""
+    ddp_bucket_mb: float = 25.0
+    """DDP gradient bucket size: all-reduce of a bucket starts while backward goes on."""
+    fsdp_reshard_after_forward: bool = True
+    """FSDP: free gathered parameters after forward (memory ↓, one more all-gather)."""
+
+    def __post_init__(self) -> None:
+        for name in ("dp_shard", "tp", "pp", "microbatches", "stages_per_rank"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dp_replicate == 0 or self.dp_replicate < -1:
+            raise ValueError(f"parallel.dp_replicate must be >= 1 or -1, got {self.dp_replicate}")
+        if self.ddp_bucket_mb <= 0:
+            raise ValueError(f"parallel.ddp_bucket_mb must be > 0, got {self.ddp_bucket_mb}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw"] = "adamw"
+    """Optimizer."""
+    lr: float = 1e-3
+    """Peak learning rate."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW betas."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps from 0 to lr."""
+    schedule: Literal["constant", "cosine"] = "cosine"
+    """After warm-up: constant, or cosine decay to min_lr_ratio × lr at the last step."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of lr."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    interval: int = 0
+    """Save every this many steps (0: only at the end of training)."""
+    dir: str = ""
+    """A POSIX directory (local, Lustre, NFS); empty: {train.out_dir}/checkpoints."""
+    async_save: bool = False
+    """Save on a background thread after staging to CPU; training goes on meanwhile."""
+    keep: int = 2
+    """Complete checkpoints kept (older ones are deleted after a newer one completes)."""
+    resume: Literal["auto", "never"] = "auto"
+    """auto: continue from the latest complete checkpoint in dir, if any."""
+
+    def __post_init__(self) -> None:
+        if self.interval < 0:
+            raise ValueError(f"checkpoint.interval must be >= 0, got {self.interval}")
+        if self.keep < 1:
+            raise ValueError(f"checkpoint.keep must be >= 1, got {self.keep}")
 
 
 @dataclass(kw_only=True)
@@ -24,6 +180,16 @@ class Config:
     """tools/convert.py: input, output, shard format and limits, workers, bad-input policy."""
     data: DataConfig = field(default_factory=DataConfig)
     """The loader: dataset, global batch, order, read-ahead, cache, decode, queues, policy."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The training loop: epochs, device, precision, logging, evaluation."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The reference model and its size."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """How ranks split the work: data, sharded-data, tensor and pipeline parallel degrees."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """When and where to save, and whether to resume."""
 
 
 def load(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:

@@ -1,0 +1,106 @@
+"""Build the configured model and apply parallelism, in this order (torchtitan's):
+
+1. build the whole model on the meta device (no memory, whatever its size);
+2. pipeline: keep this rank's stages (``pipeline.split_model``);
+3. tensor parallel: DTensor column/row plans on the tp mesh (``tensor``);
+4. activation checkpointing around each block (``data``);
+5. FSDP2 ``fully_shard`` per block, then the root, on the 2-D (dp_replicate, dp_shard)
+   mesh: FSDP, HSDP, or — when dp_shard is 1 but TP or PP is on — pure replication through
+   FSDP2 (DDP's reducer cannot follow a pipeline's microbatches: its bucket rebuild sees
+   each parameter once per microbatch and fails an internal assert in torch 2.13);
+6. materialise (``to_empty``) and initialise each parameter from (seed, name) — the same
+   weights in every layout (``trainer.models.init``);
+7. DDP around the model, when data parallelism is pure replication alone (``data``);
+8. the pipeline schedule over the stages (``pipeline``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.config import ModelConfig, ParallelConfig
+from trainer.models import StagedModel, build_model, init_weights
+from trainer.parallel.data import apply_activation_checkpointing, apply_ddp, apply_fsdp
+from trainer.parallel.mesh import Layout, build_layout, resolve
+from trainer.parallel.pipeline import Schedule, build_schedule, split_model, stage_indices
+from trainer.parallel.tensor import apply_tensor_parallel
+
+__all__ = ["Layout", "ParallelModel", "build_layout", "parallelize", "resolve"]
+
+
+@dataclass(kw_only=True)
+class ParallelModel:
+    parts: list[nn.Module]
+    """This rank's model parts as wrapped (one, or one per pipeline stage it holds)."""
+    loss_fn: object
+    """(output, target) → mean loss."""
+    schedule: Schedule | None
+    """The pipeline schedule, when pp > 1."""
+    first_stage: bool
+    """Whether this rank feeds inputs (holds stage 0)."""
+    last_stage: bool
+    """Whether this rank computes the loss (holds the last stage)."""
+    strategy: str
+    """How data parallelism is done: 'ddp', 'fsdp', 'hsdp', 'replicate' (FSDP2) or 'none'."""
+
+
+def parallelize(
+    model_config: ModelConfig,
+    config: ParallelConfig,
+    *,
+    layout: Layout,
+    device: torch.device,
+    num_classes: int,
+    seed: int,
+    activation_checkpointing: bool = False,
+    bf16: bool = False,
+) -> ParallelModel:
+    with torch.device("meta"):
+        whole = build_model(model_config, num_classes=num_classes)
+    loss_fn = whole.loss
+    parts: list[StagedModel] = [whole]
+    stage_ids, stages = [0], 1
+    if layout.pp > 1:
+        assert layout.mesh is not None
+        stage_ids, stages = stage_indices(config, layout.pp_rank)
+        parts = [split_model(whole, index, stages) for index in stage_ids]
+    if layout.tp > 1:
+        for part in parts:
+            apply_tensor_parallel(part, mesh=layout.submesh("tp"), heads=model_config.heads)
+    if activation_checkpointing:
+        for part in parts:
+            apply_activation_checkpointing(part)
+    strategy = "none"
+    if layout.dp_world > 1:
+        if layout.dp_shard > 1 or layout.tp > 1 or layout.pp > 1:
+            if layout.dp_shard == 1:
+                strategy = "replicate"
+            else:
+                strategy = "hsdp" if layout.dp_replicate > 1 else "fsdp"
+            mesh = layout.submesh("dp_replicate", "dp_shard")
+            for part in parts:
+                apply_fsdp(part, mesh=mesh, bf16=bf16,
+                           reshard_after_forward=config.fsdp_reshard_after_forward)  # fmt: skip
+        else:
+            strategy = "ddp"
+    wrapped: list[nn.Module] = []
+    for part in parts:
+        part.to_empty(device=device)
+        init_weights(part, seed)
+        if strategy == "ddp":
+            wrapped.append(
+                apply_ddp(part, mesh=layout.submesh("dp_replicate"), bucket_mb=config.ddp_bucket_mb)
+            )
+        else:
+            wrapped.append(part)
+    schedule = None
+    if layout.pp > 1:
+        schedule = build_schedule(config, wrapped, stage_ids, stages, device=device,
+                                  group=layout.group("pp"), loss_fn=loss_fn)  # fmt: skip
+    return ParallelModel(
+        parts=wrapped, loss_fn=loss_fn, schedule=schedule, first_stage=0 in stage_ids,
+        last_stage=stages - 1 in stage_ids, strategy=strategy,
+    )  # fmt: skip

@@ -1,0 +1,47 @@
+"""Data parallelism (DDP, FSDP2, HSDP) and activation checkpointing.
+
+- DDP (``dp_replicate`` > 1, no sharding, no TP): gradients go into buckets of
+  ``ddp_bucket_mb`` whose all-reduce starts as soon as the bucket is full, so communication
+  overlaps the rest of backward.
+- FSDP2 (``dp_shard`` > 1, or any data parallelism composed with TP): ``fully_shard`` on
+  each block and then the root; parameters, gradients and optimizer state are sharded, the
+  next block's all-gather is prefetched during compute. With ``dp_replicate`` > 1 too the
+  mesh is 2-D: HSDP (shard within a group, all-reduce across groups).
+- Activation checkpointing wraps each block (recompute in backward); applied before FSDP so
+  FSDP shards the wrapped block.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from trainer.models.base import StagedModel
+
+
+def apply_activation_checkpointing(model: StagedModel) -> None:
+    for name, block in list(model.blocks.items()):
+        model.blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+
+def apply_fsdp(
+    model: StagedModel, *, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool
+) -> None:
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
+    )
+    for block in model.blocks.values():
+        fully_shard(block, mesh=mesh, mp_policy=policy,
+                    reshard_after_forward=reshard_after_forward)  # fmt: skip
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+
+
+def apply_ddp(model: nn.Module, *, mesh: DeviceMesh, bucket_mb: float) -> nn.Module:
+    device_ids = [torch.cuda.current_device()] if mesh.device_type == "cuda" else None
+    return DistributedDataParallel(
+        model, process_group=mesh.get_group(), bucket_cap_mb=bucket_mb, device_ids=device_ids
+    )

@@ -1,0 +1,37 @@
+"""Tensor parallelism: each block's projections split by columns or rows over the tp mesh.
+
+The plan comes from the model (``GPT.TP_PLAN``): q/k/v and the MLP's first layer are
+column-parallel (each rank computes its share of heads / hidden units from the replicated
+input), the attention and MLP output projections row-parallel (partial sums all-reduced).
+One all-reduce per attention and per MLP in forward, and one each in backward. Embeddings,
+norms and the output head stay replicated: their gradients are equal on every tp rank
+because the blocks' outputs and input gradients are all-reduced.
+"""
+
+from __future__ import annotations
+
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor.parallel import (
+    ColwiseParallel,
+    ParallelStyle,
+    RowwiseParallel,
+    parallelize_module,
+)
+
+from trainer.models.base import StagedModel
+
+
+def apply_tensor_parallel(model: StagedModel, *, mesh: DeviceMesh, heads: int) -> None:
+    plan = getattr(model, "TP_PLAN", None)
+    if plan is None:
+        raise ValueError(
+            f"{type(model).__name__} has no tensor-parallel plan; use parallel.tp = 1 "
+            "(TP plans exist for the GPT)"
+        )
+    if heads % mesh.size():
+        raise ValueError(f"model.heads {heads} is not divisible by parallel.tp {mesh.size()}")
+    styles: dict[str, ParallelStyle] = {}
+    for name, kind in plan.items():
+        styles[name] = ColwiseParallel() if kind == "colwise" else RowwiseParallel()
+    for block in model.blocks.values():
+        parallelize_module(block, mesh, styles)

@@ -1,0 +1,263 @@
+"""Entry point: ``[torchrun --nproc-per-node N] python -m trainer.train --config FILE [--s.k=v …]``.
+
+One process without torchrun; with it, one per rank (c10d rendezvous, multi-node as torchrun
+does it). Backend NCCL with CUDA, gloo on CPU. The loop:
+
+    resume (latest complete checkpoint, if any) ─▶ for each epoch: for each batch:
+        wait for the loader (timed: data-wait) ─▶ forward/backward (+ comm overlap)
+        ─▶ clip, lr, optimizer step ─▶ metrics line ─▶ checkpoint every `interval` steps
+    ─▶ evaluate on the held-out split after each epoch ─▶ final checkpoint, plot
+
+The loader reads ahead and decodes on its own threads while the step computes, and (on a
+GPU) copies the next batch on a side stream; the data-wait time per step is what is left
+over — the stall — and is logged with its share of the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from dataflow.config import dumps_toml, split_overrides
+from dataflow.pipeline import Loader
+from trainer.checkpoint import Checkpointer
+from trainer.config import Config, load
+from trainer.metrics import TrainMetrics
+from trainer.optim import build_optimizer, learning_rate, set_learning_rate
+from trainer.parallel import Layout, ParallelModel, build_layout, parallelize
+from trainer.step import autocast, clip_gradients, evaluate, forward_backward, global_mean
+from trainer.tasks import split_batch
+
+log = logging.getLogger("trainer")
+
+
+def _device(config: Config) -> torch.device:
+    wanted = config.train.device
+    if wanted == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device = 'cuda' but CUDA is not available; use 'auto' or 'cpu'")
+    if wanted == "cpu" or (wanted == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def _setup_process_group(device: torch.device) -> tuple[int, int]:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+    return rank, world_size
+
+
+def _determinism(config: Config, device: torch.device) -> None:
+    if config.train.deterministic:
+        if device.type == "cuda":
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.manual_seed(config.train.seed)
+
+
+def _merged_loader_state(loader: Loader, world_size: int) -> dict[str, Any]:
+    """The loader position with the samples that any rank skipped (the same on all ranks)."""
+    state = loader.state_dict()
+    if world_size > 1:
+        everyone: list[Any] = [None] * world_size
+        dist.all_gather_object(everyone, state[Loader.STATE_SKIPPED])
+        state[Loader.STATE_SKIPPED] = sorted({tuple(s) for part in everyone for s in part})
+        state[Loader.STATE_SKIPPED] = [list(s) for s in state[Loader.STATE_SKIPPED]]
+    return state
+
+
+def train(config: Config) -> dict[str, Any]:
+    """Run the configured training; returns the end-of-run summary (the same on all ranks)."""
+    device = _device(config)
+    rank, world_size = _setup_process_group(device)
+    _determinism(config, device)
+    layout = build_layout(config.parallel, rank=rank, world_size=world_size,
+                          device_type=device.type)  # fmt: skip
+    out_dir = config.train.out_dir
+    data = dataclasses.replace(config.data, out_dir=out_dir)
+    if device.type == "cuda" and not data.device:
+        data = dataclasses.replace(data, device=str(device))
+    loader = Loader(data, config.storage, rank=layout.dp_rank, world_size=layout.dp_world)
+    classes = len(loader.index.metadata.get("classes", []) or [])
+    bf16 = config.train.mixed_precision == "bf16"
+    model = parallelize(
+        config.model, config.parallel, layout=layout, device=device, num_classes=classes,
+        seed=config.train.seed, activation_checkpointing=config.train.activation_checkpointing,
+        bf16=bf16,
+    )  # fmt: skip
+    if layout.pp > 1 and loader.per_rank_batch % config.parallel.microbatches:
+        raise ValueError(
+            f"the per-rank batch {loader.per_rank_batch} does not split into "
+            f"parallel.microbatches = {config.parallel.microbatches}"
+        )
+    optimizers = [build_optimizer(config.optim, part.parameters()) for part in model.parts]
+    # FSDP casts parameters itself; autocast covers the other layouts.
+    precision = autocast(device, bf16 and model.strategy not in ("fsdp", "hsdp", "replicate"))
+    checkpointer = Checkpointer(
+        config.checkpoint, config.checkpoint.dir or os.path.join(out_dir, "checkpoints"),
+        parts=model.parts, optimizers=optimizers, rank=rank, world_size=world_size,
+    )  # fmt: skip
+    step, resumed_from = 0, ""
+    latest = checkpointer.latest() if config.checkpoint.resume == "auto" else None
+    if latest is not None:
+        state = checkpointer.load(latest)
+        loader.load_state_dict(state["loader"])
+        step, resumed_from = int(state["step"]), latest
+    steps_per_epoch = len(loader)
+    total_steps = config.train.epochs * steps_per_epoch
+    if config.train.max_steps:
+        total_steps = min(total_steps, config.train.max_steps)
+    metrics = TrainMetrics(out_dir, enabled=rank == 0, progress=config.train.progress,
+                           total_steps=total_steps, initial_step=step)  # fmt: skip
+    metrics.event(
+        "start", world_size=world_size, layout=layout.describe(), strategy=model.strategy,
+        device=str(device), step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+        global_batch=data.global_batch, resumed_from=resumed_from,
+        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+    )  # fmt: skip
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.toml"), "w", encoding="utf-8") as handle:
+            handle.write(dumps_toml(dataclasses.asdict(config)))
+
+    def split(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return split_batch(config.model, batch, device)
+
+    def save() -> None:
+        started = time.perf_counter()
+        position = _merged_loader_state(loader, world_size)
+        checkpointer.save(step, {"step": step, "loader": position, "world_size": world_size,
+                                 "layout": layout.describe()})  # fmt: skip
+        metrics.event("checkpoint", step=step, blocking_s=round(time.perf_counter() - started, 4),
+                      async_save=config.checkpoint.async_save)  # fmt: skip
+
+    totals = {"steps": 0, "wait_s": 0.0, "time_s": 0.0, "samples": 0}
+    last_eval: dict[str, float] = {}
+    last_loss = math.nan
+    try:
+        while step < total_steps:
+            epoch = loader.epoch + (1 if loader.step >= steps_per_epoch else 0)
+            loader.set_epoch(epoch)
+            batches = iter(loader)
+            mark = time.perf_counter()
+            while step < total_steps:
+                batch = next(batches, None)
+                waited = time.perf_counter() - mark
+                if batch is None:
+                    break
+                inputs, targets = split(batch)
+                lr = learning_rate(config.optim, step, total_steps)
+                set_learning_rate(optimizers, lr)
+                loss = forward_backward(model, inputs, targets, precision=precision)
+                grad_norm = None
+                if config.train.grad_clip:
+                    grad_norm = clip_gradients(layout, model.parts, config.train.grad_clip)
+                for optimizer in optimizers:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                logged = step % config.train.log_every == 0 or step == total_steps
+                if logged:
+                    last_loss = global_mean(layout, model, loss)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                elapsed = now - mark
+                totals["steps"] += 1
+                totals["wait_s"] += waited
+                totals["time_s"] += elapsed
+                totals["samples"] += data.global_batch
+                if logged:
+                    record = {"step": step, "epoch": epoch, "loss": last_loss, "lr": lr,
+                              "step_s": round(elapsed, 6), "data_wait_s": round(waited, 6),
+                              "stall_fraction": round(waited / max(elapsed, 1e-9), 5),
+                              "samples_per_s": data.global_batch / max(elapsed, 1e-9)}  # fmt: skip
+                    if grad_norm is not None:
+                        record["grad_norm"] = grad_norm
+                    metrics.event("step", **record)
+                if config.checkpoint.interval and step % config.checkpoint.interval == 0:
+                    save()
+                mark = time.perf_counter()
+            finished_epoch = loader.epoch == epoch and loader.step >= steps_per_epoch
+            if finished_epoch and config.train.eval_url:
+                last_eval = _evaluate(config, model, layout, split, precision)
+                metrics.event("eval", step=step, epoch=epoch, **last_eval)
+        if not config.checkpoint.interval or step % config.checkpoint.interval:
+            save()
+        checkpointer.wait()
+    finally:
+        loader.close()
+    summary = {
+        "steps": step, "loss": last_loss, "eval": last_eval,
+        "stall_fraction": totals["wait_s"] / totals["time_s"] if totals["time_s"] else 0.0,
+        "samples_per_s": totals["samples"] / totals["time_s"] if totals["time_s"] else 0.0,
+        "steps_this_run": totals["steps"], "checkpoints": checkpointer.saves,
+    }  # fmt: skip
+    metrics.event("end", **summary)
+    metrics.close()
+    if rank == 0:
+        from trainer.report import plot_training
+
+        plot_training(metrics.path, os.path.join(out_dir, "training.png"))
+    # DDP reducers torn down before the process group: otherwise gloo can abort at exit.
+    del model, optimizers
+    gc.collect()
+    return summary
+
+
+def _evaluate(
+    config: Config, model: ParallelModel, layout: Layout, split: Any, precision: Any
+) -> dict[str, float]:
+    held_out = dataclasses.replace(
+        config.data, url=config.train.eval_url, shuffle=False, augment=False, drop_last=False,
+        audit=False,
+    )  # fmt: skip
+    loader = Loader(held_out, config.storage, rank=layout.dp_rank, world_size=layout.dp_world)
+    try:
+        return evaluate(model, layout, loader, split, precision=precision)
+    finally:
+        loader.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = argparse.ArgumentParser(
+        prog="python -m trainer.train", description=__doc__.split("\n\n")[0],
+        epilog="Any config field can be overridden: --section.key=value (e.g. --train.epochs=3).",
+    )  # fmt: skip
+    arguments.add_argument("--config", help="a TOML file (see configs/); default: the defaults")
+    own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
+    args = arguments.parse_args(own)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    config = load(args.config, overrides)
+    try:
+        summary = train(config)
+    finally:
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", 0)) == 0:
+        held_out = summary["eval"]
+        accuracy = f", held-out accuracy {held_out['accuracy']:.4f}" if held_out else ""
+        print(f"finished: {summary['steps']} steps, loss {summary['loss']:.4f}, "
+              f"{summary['samples_per_s']:,.0f} samples/s, stall "
+              f"{100 * summary['stall_fraction']:.1f}%{accuracy}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -27,20 +27,29 @@ def _require_sklearn() -> None:
         ) from None
 
 
-def write_digits_folder(root: str, *, upscale: int = 4) -> int:
-    """Write scikit-learn's digits as ``root/<digit>/digit-NNNN.png``; returns the count."""
+def write_digits_folder(
+    root: str, *, upscale: int = 4, held_out: str = "", held_out_every: int = 5
+) -> int:
+    """Write scikit-learn's digits as ``root/<digit>/digit-NNNN.png``; returns the count.
+
+    With ``held_out``, every ``held_out_every``-th digit goes there instead (a fixed split,
+    so a held-out accuracy means the same thing on every run); the count is of ``root``.
+    """
     _require_sklearn()
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
+    written = 0
     for number, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
         image = (pixels * (255.0 / 16.0)).round().astype(np.uint8)
         image = np.kron(image, np.ones((upscale, upscale), np.uint8))
-        directory = os.path.join(root, str(int(label)))
+        to_held_out = bool(held_out) and number % held_out_every == held_out_every - 1
+        directory = os.path.join(held_out if to_held_out else root, str(int(label)))
         os.makedirs(directory, exist_ok=True)
         Image.fromarray(image, mode="L").save(os.path.join(directory, f"digit-{number:04d}.png"))
-    return len(digits.images)
+        written += not to_held_out
+    return written
 
 
 def photo_jpegs(

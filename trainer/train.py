@@ -89,7 +89,11 @@ def train(config: Config) -> dict[str, Any]:
     layout = build_layout(config.parallel, rank=rank, world_size=world_size,
                           device_type=device.type)  # fmt: skip
     out_dir = config.train.out_dir
-    data = dataclasses.replace(config.data, out_dir=out_dir)
+    # TP/PP peers share a data-parallel rank, hence its audit file: one of them writes it.
+    audit = config.data.audit and layout.tp_rank == 0 and layout.pp_rank == 0
+    # The next epoch's reading and decoding start while this one ends (the loader is closed
+    # in the finally below, which stops that pass if training ends first).
+    data = dataclasses.replace(config.data, out_dir=out_dir, audit=audit, prefetch_next_epoch=True)
     if device.type == "cuda" and not data.device:
         data = dataclasses.replace(data, device=str(device))
     loader = Loader(data, config.storage, rank=layout.dp_rank, world_size=layout.dp_world)
@@ -242,7 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     arguments.add_argument("--config", help="a TOML file (see configs/); default: the defaults")
     own, overrides = split_overrides(sys.argv[1:] if argv is None else argv)
     args = arguments.parse_args(own)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # Rank 0 tells the story; the other ranks speak up only for warnings and errors.
+    level = logging.INFO if int(os.environ.get("RANK", 0)) == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("botocore", "aiobotocore", "s3fs", "fsspec", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     config = load(args.config, overrides)
     try:
         summary = train(config)

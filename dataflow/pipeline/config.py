@@ -40,6 +40,9 @@ class DataConfig:
     """With DALI on a GPU that has a hardware JPEG decoder: the share of images sent to it."""
     prefetch_batches: int = 4
     """Batches decoded ahead of the consumer (bounds memory: this × batch bytes)."""
+    prefetch_next_epoch: bool = False
+    """Start epoch e + 1's fetch and decode while e's last batches are used (the trainer turns
+    it on; a loader user who enables it must close() the loader, which stops that pass)."""
     image_field: str = ""
     """Field holding the image; empty: the first image field of the index."""
     label_field: str = "cls"

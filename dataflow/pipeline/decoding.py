@@ -10,6 +10,7 @@ loader's state so that a resumed run skips it too.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -63,6 +64,9 @@ class Job:
     chunks: list[concurrent.futures.Future[None]]
     device_images: tuple[torch.Tensor, list[int]] | None = None
     """DALI on a GPU: the decoded CUDA tensor and the batch slots its rows belong to."""
+    skips: list[tuple[int, str, str]] = dataclasses.field(default_factory=list)
+    """(epoch, key, reason) of samples skipped here; the loader's state takes them when
+    the batch is delivered (a pass started ahead must not record skips it never delivered)."""
 
 
 class BatchDecoder:
@@ -134,9 +138,7 @@ class BatchDecoder:
         job.ok[i] = False
         reason = error.reason if isinstance(error, BadSampleError) else str(error)
         log.warning("skipping sample %r of %s: %s", key, view.entry.path, reason)
-        loader.skipped.append((self.epoch, key, reason))
-        loader._skip_keys.add((self.epoch, key))
-        loader.metrics_.count(skipped=1)
+        job.skips.append((self.epoch, key, reason))
 
     def decode_with_dali(self, job: Job) -> None:
         """Crops, labels and checks here; decode + crop + resize + flip of JPEGs in DALI."""

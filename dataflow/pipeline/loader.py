@@ -19,9 +19,18 @@ its block. Memory is therefore bounded by (shuffle_window + readahead_shards) sh
 Exactness: batches are positions of the global order (pure in seed and epoch), the crop of
 a sample is seeded by (seed, epoch, sample id), and the state is (epoch, steps delivered),
 so a resumed loader — at any world size with the same global batch — yields exactly what an
-uninterrupted one would have. Bad samples follow ``on_bad_sample``: raise with shard, key
-and offset, or skip (the batch is one shorter; the skip is counted, logged and kept in the
-state so that a resumed run skips the same samples).
+uninterrupted one would have.
+
+Bad samples follow ``on_bad_sample``: raise with shard, key and offset, or skip (the batch
+is one shorter; the skip is counted, logged and kept in the state so that a resumed run
+skips the same samples).
+
+Epoch boundaries: with ``prefetch_next_epoch`` (the trainer sets it), once the producer has
+queued an epoch's last batch it starts the next epoch's pass, so shard fetches and decode
+for epoch e + 1 run while the trainer finishes epoch e (and evaluates); the next ``iter()``
+picks that pass up if it asks for epoch e + 1 from its start, and closes it otherwise.
+Memory then briefly holds the shards of both passes. Without it, each epoch's first step
+waited for the pipeline to fill: 20–70 % stall spikes at every boundary of the digits demo.
 """
 
 from __future__ import annotations
@@ -150,6 +159,8 @@ class Loader:
             os.path.join(config.out_dir, "audit", f"rank-{self.rank}.tsv") if config.audit else ""
         )
         self._active: _Run | None = None
+        self._next: _Run | None = None  # the next epoch's pass, started ahead
+        self._next_lock = threading.Lock()
         self.device: torch.device | None = None
         if config.device:
             self.device = torch.device(config.device)
@@ -229,10 +240,18 @@ class Loader:
         return self.metrics_.snapshot()
 
     def __iter__(self) -> Iterator[Batch]:
-        self.close()
         if self.step >= len(self):
             self.epoch, self.step = self.epoch + 1, 0
-        run = _Run(self, self.epoch, self.step)
+        with self._next_lock:
+            ahead, self._next = self._next, None
+        self.close()
+        if ahead is not None and (ahead.epoch, ahead.start_step) == (self.epoch, self.step):
+            run = ahead
+        else:
+            if ahead is not None:
+                ahead.close()
+            run = _Run(self, self.epoch, self.step)
+        self._queue = run.queue
         self._active = run
         try:
             if self.device is not None and self.device.type == "cuda":
@@ -247,8 +266,18 @@ class Loader:
     def close(self) -> None:
         """Stop background threads (iteration restarts from the saved position)."""
         if self._active is not None:
-            self._active.close()
+            self._active.close()  # joins its producer: no next pass can start after this
             self._active = None
+        with self._next_lock:
+            ahead, self._next = self._next, None
+        if ahead is not None:
+            ahead.close()
+
+    def _start_next_epoch(self, finished: _Run) -> None:
+        """Called by a producer that queued its epoch's last batch: start epoch + 1 ahead."""
+        with self._next_lock:
+            if self._next is None and not finished.stop.is_set():
+                self._next = _Run(self, finished.epoch + 1, 0)
 
     # -----------------------------------------------------------------------------------------
     # Audit
@@ -294,7 +323,6 @@ class _Run:
             config.decode_workers, thread_name_prefix="shardflow-decode"
         )
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
-        loader._queue = self.queue
         self.views: dict[int, concurrent.futures.Future[ShardView]] = {}
         self.scheduled_until = 0  # index into order.shard_order
         self.block_of_shard = np.empty(len(loader.sizes), dtype=np.int64)
@@ -367,6 +395,8 @@ class _Run:
                 self._put(job)
                 loader._batch_stage.add_wait(wait_out_s=time.perf_counter() - waited)
             self._put(_END)
+            if config.prefetch_next_epoch and not self.stop.is_set():
+                loader._start_next_epoch(self)
         except BaseException as error:  # surfaced to the consumer, never lost
             self._put(error)
 
@@ -406,6 +436,10 @@ class _Run:
             with loader._batch_stage.busy(items=1):
                 batch = self._assemble(job)
             loader.metrics_.consumed(samples=len(batch["__key__"]), stall_s=stall)
+            for skip in job.skips:
+                loader.skipped.append(skip)
+                loader._skip_keys.add(skip[:2])
+            loader.metrics_.count(skipped=len(job.skips))
             self._flush_audit()
             loader.step = job.step + 1
             self.pending_audit = (job.step, [k for k, v in zip(batch["__key__"],

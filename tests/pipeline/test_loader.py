@@ -663,3 +663,54 @@ def test_len_counts_global_batches(digits: str) -> None:
     assert len(make(digits, global_batch=64)) == 28
     assert len(make(digits, global_batch=64, drop_last=False)) == 29
     assert make(digits, global_batch=64, world_size=4, rank=2).per_rank_batch == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# The next epoch started ahead
+
+
+def test_the_next_epoch_started_ahead_gives_the_same_batches(digits: str) -> None:
+    steps = len(make(digits))
+    reference = take(make(digits), 2 * steps + 3)
+    loader = make(digits, prefetch_next_epoch=True)
+    first_epoch = one_epoch(loader)
+    ahead = loader._next
+    assert ahead is not None and (ahead.epoch, ahead.start_step) == (1, 0)
+    rest = take(loader, steps + 3)
+    assert_same_batches(first_epoch + rest, reference, "next epoch started ahead")
+    loader.close()
+    assert shardflow_threads() == []
+
+
+def test_a_pass_started_ahead_is_dropped_when_another_position_is_asked(digits: str) -> None:
+    loader = make(digits, prefetch_next_epoch=True)
+    one_epoch(loader)
+    assert loader._next is not None
+    loader.set_epoch(3)  # not the epoch that was started ahead
+    reference_loader = make(digits)
+    reference_loader.set_epoch(3)
+    reference = take(reference_loader, 2)
+    reference_loader.close()
+    assert_same_batches(take(loader, 2), reference, "epoch 3 after epoch 1 was started ahead")
+    loader.close()
+    assert shardflow_threads() == []
+
+
+def test_skips_of_a_pass_started_ahead_enter_the_state_when_delivered(
+    corrupt_photos: CorruptDataset,
+) -> None:
+    loader = make(corrupt_photos.url, global_batch=12, on_bad_sample="skip", prefetch_batches=8,
+                  prefetch_next_epoch=True)  # fmt: skip
+    one_epoch(loader)
+    ahead = loader._next
+    assert ahead is not None
+    ahead.producer.join(timeout=30)  # all 5 batches of epoch 1 fit in the queue
+    for job in list(ahead.queue.queue):  # decoded ahead, the bad sample included
+        for chunk in getattr(job, "chunks", []):
+            chunk.result()
+    assert sum(len(getattr(job, "skips", [])) for job in ahead.queue.queue) == 1
+    assert [tuple(s[:2]) for s in loader.state_dict()["skipped"]] == [(0, corrupt_photos.victim)]
+    one_epoch(loader)
+    skipped = [tuple(s[:2]) for s in loader.state_dict()["skipped"]]
+    assert skipped == [(0, corrupt_photos.victim), (1, corrupt_photos.victim)]
+    loader.close()

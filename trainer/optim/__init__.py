@@ -34,7 +34,8 @@ def learning_rate(config: OptimConfig, step: int, total_steps: int) -> float:
         return config.lr * (step + 1) / config.warmup_steps
     if config.schedule == "constant":
         return config.lr
-    decay_steps = max(1, total_steps - config.warmup_steps)
+    # The last step is total_steps - 1: it gets the floor, as OptimConfig.schedule promises.
+    decay_steps = max(1, total_steps - config.warmup_steps - 1)
     progress = min(1.0, (step - config.warmup_steps) / decay_steps)
     floor = config.min_lr_ratio
     return config.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))

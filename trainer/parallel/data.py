@@ -42,6 +42,8 @@ def apply_fsdp(
 
 def apply_ddp(model: nn.Module, *, mesh: DeviceMesh, bucket_mb: float) -> nn.Module:
     device_ids = [torch.cuda.current_device()] if mesh.device_type == "cuda" else None
+    # Gradients live in the buckets themselves: no copy into them, no second gradient copy.
     return DistributedDataParallel(
-        model, process_group=mesh.get_group(), bucket_cap_mb=bucket_mb, device_ids=device_ids
-    )
+        model, process_group=mesh.get_group(), bucket_cap_mb=bucket_mb, device_ids=device_ids,
+        gradient_as_bucket_view=True,
+    )  # fmt: skip

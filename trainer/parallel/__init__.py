@@ -23,7 +23,12 @@ from torch import nn
 
 from trainer.config import ModelConfig, ParallelConfig
 from trainer.models import StagedModel, build_model, init_weights
-from trainer.parallel.data import apply_activation_checkpointing, apply_ddp, apply_fsdp
+from trainer.parallel.data import (
+    CommTimer,
+    apply_activation_checkpointing,
+    apply_ddp,
+    apply_fsdp,
+)
 from trainer.parallel.mesh import Layout, build_layout, resolve
 from trainer.parallel.pipeline import Schedule, build_schedule, split_model, stage_indices
 from trainer.parallel.tensor import apply_tensor_parallel
@@ -45,6 +50,8 @@ class ParallelModel:
     """Whether this rank computes the loss (holds the last stage)."""
     strategy: str
     """How data parallelism is done: 'ddp', 'fsdp', 'hsdp', 'replicate' (FSDP2) or 'none'."""
+    comm_timer: CommTimer | None = None
+    """With DDP: the time gradient all-reduces were in flight."""
 
 
 def parallelize(
@@ -87,13 +94,13 @@ def parallelize(
         else:
             strategy = "ddp"
     wrapped: list[nn.Module] = []
+    timer = CommTimer() if strategy == "ddp" else None
     for part in parts:
         part.to_empty(device=device)
         init_weights(part, seed)
         if strategy == "ddp":
-            wrapped.append(
-                apply_ddp(part, mesh=layout.submesh("dp_replicate"), bucket_mb=config.ddp_bucket_mb)
-            )
+            mesh = layout.submesh("dp_replicate")
+            wrapped.append(apply_ddp(part, mesh=mesh, bucket_mb=config.ddp_bucket_mb, timer=timer))
         else:
             wrapped.append(part)
     schedule = None
@@ -102,5 +109,5 @@ def parallelize(
                                   group=layout.group("pp"), loss_fn=loss_fn)  # fmt: skip
     return ParallelModel(
         parts=wrapped, loss_fn=loss_fn, schedule=schedule, first_stage=0 in stage_ids,
-        last_stage=stages - 1 in stage_ids, strategy=strategy,
+        last_stage=stages - 1 in stage_ids, strategy=strategy, comm_timer=timer,
     )  # fmt: skip

@@ -13,9 +13,14 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -40,10 +45,52 @@ def apply_fsdp(
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
 
 
-def apply_ddp(model: nn.Module, *, mesh: DeviceMesh, bucket_mb: float) -> nn.Module:
+class CommTimer:
+    """Seconds DDP's gradient all-reduces were in flight (launch → done), summed per step.
+
+    They run while backward goes on, so this is communication time, not time added to the
+    step; comparing it with the step time shows how much there is to hide.
+    """
+
+    def __init__(self) -> None:
+        self._seconds = 0.0
+        self._lock = threading.Lock()
+
+    def hook(
+        self, group: dist.ProcessGroup, bucket: dist.GradBucket
+    ) -> torch.futures.Future[torch.Tensor]:
+        started = time.perf_counter()
+        future = default_hooks.allreduce_hook(group, bucket)
+
+        def done(finished: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
+            with self._lock:
+                self._seconds += time.perf_counter() - started
+            return finished.value()
+
+        return future.then(done)
+
+    def take(self) -> float:
+        """Seconds since the last call."""
+        with self._lock:
+            seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+
+# DDP checks the hook's annotations against GradBucket and Future[Tensor] itself; under
+# `from __future__ import annotations` it would see strings and refuse the hook.
+CommTimer.hook.__annotations__["bucket"] = dist.GradBucket
+CommTimer.hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
+
+
+def apply_ddp(
+    model: nn.Module, *, mesh: DeviceMesh, bucket_mb: float, timer: CommTimer | None = None
+) -> nn.Module:
     device_ids = [torch.cuda.current_device()] if mesh.device_type == "cuda" else None
     # Gradients live in the buckets themselves: no copy into them, no second gradient copy.
-    return DistributedDataParallel(
+    wrapped = DistributedDataParallel(
         model, process_group=mesh.get_group(), bucket_cap_mb=bucket_mb, device_ids=device_ids,
         gradient_as_bucket_view=True,
     )  # fmt: skip
+    if timer is not None:
+        wrapped.register_comm_hook(mesh.get_group(), timer.hook)
+    return wrapped

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints-dev.txt dataflow/decode/_roijpeg.c | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck pytest venv clean bench-convert bench-io
+.PHONY: demo test lint typecheck pytest venv clean bench-convert bench-io bench-train
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +43,9 @@ bench-convert: $(STAMP)
 
 bench-io: $(STAMP)
 	$(PY) tools/bench_io.py
+
+bench-train: $(STAMP)
+	$(PY) tools/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Shared pieces of the benchmarks in tools/: the photo set, machine description, plots."""
+"""Shared pieces of the benchmarks in tools/: the photo and digit sets, machine description,
+plots."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from dataflow.errors import DataError
 SEED = 0
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 MARKER = ".shardflow-bench"  # in a data dir a benchmark wrote, and so may rewrite
+PACKAGES = ("shardflow", "torch", "nvidia-dali-cuda130", "webdataset", "numpy", "pillow",
+            "simplejpeg", "xxhash")  # fmt: skip
 
 
 class BenchmarkError(DataError):
@@ -61,6 +64,25 @@ def prepare_photos(data_dir: str, count: int, quiet: bool) -> list[tuple[str, in
     return list_images(data_dir)
 
 
+def prepare_digits(data_dir: str, quiet: bool) -> list[tuple[str, int]]:
+    """scikit-learn's 1,797 digits as PNGs at ``data_dir``, written unless already there."""
+    if os.path.exists(os.path.join(data_dir, MARKER)):
+        return list_images(data_dir)
+    if os.path.isdir(data_dir) and os.listdir(data_dir):
+        raise BenchmarkError(
+            f"{data_dir} is not empty and was not written by this benchmark, so it is left alone",
+            hint="pass another --data-dir, or delete it if an interrupted run left it half written",
+        )
+    from dataflow.datasets import write_digits_folder
+
+    if not quiet:
+        print(f"writing the digits into {data_dir} (once; reused by later runs)", flush=True)
+    count = write_digits_folder(data_dir)
+    with open(os.path.join(data_dir, MARKER), "w") as handle:
+        handle.write(f"written by a tools/ benchmark: {count} scikit-learn digits\n")
+    return list_images(data_dir)
+
+
 def read_all(files: list[tuple[str, int]]) -> int:
     """Read every file once so that no method pays for a cold page cache."""
     total = 0
@@ -81,7 +103,7 @@ def machine(cores: list[int]) -> dict[str, object]:
     except OSError:
         pass
     versions = {}
-    for name in ("shardflow", "webdataset", "numpy", "pillow", "simplejpeg", "xxhash"):
+    for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

@@ -30,8 +30,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dataflow.config import dumps_toml, split_overrides
+from dataflow.config import ConfigError, dumps_toml, split_overrides
+from dataflow.errors import DataError
 from dataflow.pipeline import Loader
+from dataflow.storage import StorageError
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, load
 from trainer.metrics import TrainMetrics
@@ -257,14 +259,24 @@ def main(argv: list[str] | None = None) -> int:
     # A 1×1 convolution's weight gradient differs from its bucket view only in the strides of
     # size-1 dimensions: same memory order, nothing to fix, but DDP warns on every step.
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-    config = load(args.config, overrides)
+    try:
+        config = load(args.config, overrides)
+    except ConfigError as error:
+        arguments.exit(2, f"{arguments.prog}: config error: {error}\n")
+    rank = int(os.environ.get("RANK", 0))
     try:
         summary = train(config)
-    finally:
+    except (DataError, StorageError, ValueError) as error:
+        # A bad setting or bad data: one readable line per rank, no traceback. No barrier
+        # either — the other ranks may never get there; torchrun stops them.
+        print(f"error (rank {rank}): {error}", file=sys.stderr)
         if dist.is_initialized():
-            dist.barrier()
             dist.destroy_process_group()
-    if int(os.environ.get("RANK", 0)) == 0:
+        return 1
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    if rank == 0:
         held_out = summary["eval"]
         accuracy = f", held-out accuracy {held_out['accuracy']:.4f}" if held_out else ""
         print(f"finished: {summary['steps']} steps, loss {summary['loss']:.4f}, "

@@ -76,6 +76,25 @@ def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
     return int(height), int(width)
 
 
+_PNG_SIGNATURE: Final = b"\x89PNG\r\n\x1a\n"
+
+
+def dali_image_size(data: bytes | memoryview) -> tuple[int, int] | None:
+    """(height, width) of a JPEG or PNG that DALI should decode, from its header; None for
+    other formats (the CPU decoders take those). Raises ``ValueError`` for a file whose end
+    is visibly missing: DALI decodes a truncated image with a warning and grey fill."""
+    head = bytes(data[:24])
+    if is_jpeg(head):
+        if b"\xff\xd9" not in bytes(data[-1024:]):
+            raise ValueError("truncated JPEG: no end-of-image marker")
+        return jpeg_size(data)
+    if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
+        if b"IEND" not in bytes(data[-12:]):
+            raise ValueError("truncated PNG: no IEND chunk")
+        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+    return None
+
+
 DRAWS: Final = 42
 """Uniform numbers one sample's augmentation consumes: 10 crop tries × 4, a flip, a spare."""
 

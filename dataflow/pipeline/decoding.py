@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from dataflow.decode.dali import DaliDecodeError
-from dataflow.decode.image import crop_box, decode_augment_into, jpeg_size
+from dataflow.decode.image import crop_box, dali_image_size, decode_augment_into
 from dataflow.errors import BadSampleError
 from dataflow.formats import codec
-from dataflow.formats.codec import check_image, is_jpeg
+from dataflow.formats.codec import check_image
 from dataflow.formats.parquet import decode_column_value
 from dataflow.pipeline.shards import ShardView
 
@@ -141,7 +141,8 @@ class BatchDecoder:
         job.skips.append((self.epoch, key, reason))
 
     def decode_with_dali(self, job: Job) -> None:
-        """Crops, labels and checks here; decode + crop + resize + flip of JPEGs in DALI."""
+        """Crops, labels and checks here; decode + crop + resize + flip of JPEGs and PNGs in
+        DALI (other formats take the CPU path, with the same crop rule)."""
         loader = self.loader
         assert loader.dali is not None
         stage = loader._decode_stage
@@ -165,15 +166,11 @@ class BatchDecoder:
                 self._raise_if_fetched_bad(view, row, key, offset)
                 data = next((d for c in image_columns if (d := view.member(row, c)) is not None),
                             None)  # fmt: skip
-                if data is None or not is_jpeg(data) or job.images is None:
-                    # Not a JPEG (or no image): the CPU path handles it, same crop rule.
+                size = dali_image_size(data) if data is not None else None
+                if data is None or size is None or job.images is None:
                     nbytes += self.decode_one(job, i, view, row, image_columns, label_column)
                     continue
-                height, width = jpeg_size(data)
-                # DALI decodes a truncated or corrupt JPEG with a warning, not an error, and
-                # fills what is missing with grey: refuse what a cheap look can see is cut.
-                if b"\xff\xd9" not in bytes(data[-1024:]):
-                    raise ValueError("truncated JPEG: no end-of-image marker")
+                height, width = size
                 self.fields_into(job, i, view, row, label_column)
                 encoded.append(data)
                 boxes.append(crop_box(height, width, loader.augment, job.draws[i].tolist()))

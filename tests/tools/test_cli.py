@@ -3,6 +3,7 @@ overrides, and the demo end to end."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -82,13 +83,37 @@ def test_index_existing_tars_in_place(tmp_path: Path) -> None:
     assert verified.returncode == 0, verified.stdout
 
 
-@pytest.mark.timeout(300)
-def test_demo_runs_end_to_end() -> None:
-    result = tool("demo.py", "--quiet", timeout=280)
+@pytest.mark.timeout(400)
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    result = tool("demo.py", "--quiet", f"--train.out_dir={out}", timeout=380)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "started an embedded S3 server at http://127.0.0.1:" in result.stdout
-    assert "verified 8 shards, 1797 samples, all decoded" in result.stdout
-    assert "samples      1,797" in result.stdout
-    assert "streamed one epoch back through dataflow.Loader: 1792 samples in 28 batches" in (
+    assert "wrote 1438 training and 359 held-out digit images" in result.stdout
+    assert "shardflow-demo/digits: 6 shards, 1438 samples, all decoded" in result.stdout
+    assert "shardflow-demo/digits-held-out: 2 shards, 359 samples, all decoded" in result.stdout
+    assert "samples      1,438" in result.stdout
+    assert "streamed one epoch back through dataflow.Loader: 1408 samples in 22 batches" in (
         result.stdout
     )
+    # Training: 2 processes over the S3 shards, 6 epochs of 22 steps, evaluated each epoch.
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    start = next(r for r in records if r["event"] == "start")
+    assert start["world_size"] == 2 and start["strategy"] == "ddp"
+    end = next(r for r in records if r["event"] == "end")
+    assert end["steps"] == 132 and 0 <= end["stall_fraction"] < 1
+    evals = [r for r in records if r["event"] == "eval"]
+    assert [r["epoch"] for r in evals] == list(range(6))
+    assert all(r["targets"] == 359 for r in evals)
+    # Digits are easy: a learning model is far above chance (0.1) after six epochs.
+    assert evals[-1]["accuracy"] > 0.9, evals
+    assert "held-out accuracy" in result.stdout
+    assert (out / "training.png").stat().st_size > 10_000
+    # Every epoch: 22 global batches of 64 distinct digits over the two ranks' audit logs.
+    by_epoch: dict[str, list[str]] = {}
+    for rank in (0, 1):
+        for line in (out / "audit" / f"rank-{rank}.tsv").read_text().splitlines():
+            epoch, _, key = line.split("\t")
+            by_epoch.setdefault(epoch, []).append(key)
+    assert sorted(by_epoch) == [str(e) for e in range(6)]
+    assert all(len(keys) == len(set(keys)) == 22 * 64 for keys in by_epoch.values())

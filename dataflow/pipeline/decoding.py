@@ -180,7 +180,7 @@ class BatchDecoder:
                 self.reject(job, i, view, key, offset, error)
         while encoded:
             try:
-                images = loader.dali.decode(encoded, boxes)
+                images = loader.dali.decode(encoded, boxes, into=job.images, rows=slots)
                 break
             except DaliDecodeError as error:
                 # Find the samples DALI choked on with our own (full) decoder, drop them,
@@ -194,11 +194,8 @@ class BatchDecoder:
                     del encoded[k], boxes[k], slots[k]
         else:
             images = None
-        if images is not None and job.images is not None:
-            if isinstance(images, torch.Tensor):  # pragma: no cover - DALI on a GPU
-                job.device_images = (images, slots)
-            else:
-                job.images[slots] = images
+        if isinstance(images, torch.Tensor):  # pragma: no cover - DALI on a GPU
+            job.device_images = (images, slots)
         stage.add(items=len(job.samples), nbytes=nbytes,
                   busy_s=time.perf_counter() - started - waited)  # fmt: skip
         stage.add_wait(wait_in_s=waited)

@@ -40,6 +40,7 @@ import itertools
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -111,6 +112,11 @@ class Loader:
         self.config = config
         self.storage_config = storage_config or StorageConfig()
         self.rank, self.world_size = resolve_rank(rank, world_size)
+        # The loader's threads run at this niceness (per thread on Linux, inherited by the
+        # threads they start — DALI's among them — so it is set absolutely, not added again).
+        self._thread_nice = 0
+        if sys.platform == "linux" and config.thread_nice:
+            self._thread_nice = min(19, os.getpriority(os.PRIO_PROCESS, 0) + config.thread_nice)
         if config.global_batch % self.world_size:
             raise ValueError(
                 f"data.global_batch {config.global_batch} does not split over "
@@ -279,6 +285,14 @@ class Loader:
             if self._next is None and not finished.stop.is_set():
                 self._next = _Run(self, finished.epoch + 1, 0)
 
+    def _lower_priority(self) -> None:
+        """Run the calling loader thread at data.thread_nice (a no-op when it is 0)."""
+        if self._thread_nice:
+            try:
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), self._thread_nice)
+            except OSError as error:  # raising niceness is always allowed; be safe anyway
+                log.debug("could not lower the priority of a loader thread: %s", error)
+
     # -----------------------------------------------------------------------------------------
     # Audit
 
@@ -317,11 +331,13 @@ class _Run:
         self.stop = threading.Event()
         self.decoder = BatchDecoder(loader, epoch, self.stop)
         self.fetch_pool = concurrent.futures.ThreadPoolExecutor(
-            config.fetch_workers, thread_name_prefix="shardflow-fetch"
-        )
+            config.fetch_workers, thread_name_prefix="shardflow-fetch",
+            initializer=loader._lower_priority,
+        )  # fmt: skip
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
-            config.decode_workers, thread_name_prefix="shardflow-decode"
-        )
+            config.decode_workers, thread_name_prefix="shardflow-decode",
+            initializer=loader._lower_priority,
+        )  # fmt: skip
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
         self.views: dict[int, concurrent.futures.Future[ShardView]] = {}
         self.scheduled_until = 0  # index into order.shard_order
@@ -361,6 +377,7 @@ class _Run:
             del self.views[shard]
 
     def _produce(self) -> None:
+        self.loader._lower_priority()
         loader, config = self.loader, self.loader.config
         try:
             for step in range(self.start_step, self.steps):

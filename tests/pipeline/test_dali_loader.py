@@ -3,6 +3,7 @@ resume, the bad-sample policy, and two real ranks; GPU tests skip without CUDA."
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import subprocess
@@ -10,11 +11,13 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from dataflow.convert.config import ConvertConfig
 from dataflow.convert.job import convert
+from dataflow.decode.dali import DaliImageDecoder
 from dataflow.errors import BadSampleError
 from dataflow.index import DatasetIndex, load_table
 from dataflow.pipeline import DataConfig, Loader
@@ -177,9 +180,11 @@ def test_pngs_are_decoded_by_dali_too(digits_png: str) -> None:
     real_decode = dali_loader.dali.decode
     sent: list[int] = []
 
-    def counting_decode(encoded: list[memoryview], boxes: list[tuple[int, ...]]) -> object:
+    def counting_decode(
+        encoded: list[memoryview], boxes: list[tuple[int, ...]], **options: object
+    ) -> object:
         sent.append(len(encoded))
-        return real_decode(encoded, boxes)  # type: ignore[arg-type]
+        return real_decode(encoded, boxes, **options)  # type: ignore[arg-type]
 
     dali_loader.dali.decode = counting_decode  # type: ignore[method-assign]
     dali = [b["image"].clone() for b in dali_loader]
@@ -209,3 +214,33 @@ def test_a_truncated_png_follows_the_policy(digits_folder: Path, tmp_path: Path)
                       on_bad_sample="skip")  # fmt: skip
     keys = [k for batch in skipping for k in batch["__key__"]]
     assert len(keys) == 15 and key not in keys
+
+
+def test_a_decoded_batch_is_never_overwritten_by_the_next(digits_folder: Path) -> None:
+    """DALI reuses its output buffer on every run(); a batch handed out must be our copy,
+    made before the next run: two decode threads once swapped a batch for another."""
+    paths = sorted(digits_folder.glob("*/*.png"))[:64]
+    batches = [[p.read_bytes() for p in paths[i : i + 8]] for i in range(0, 64, 8)]
+    boxes = [(1, 1, 6, 6, i % 2 == 1) for i in range(8)]
+    decoder = DaliImageDecoder(max_batch=8, size=16, threads=1)
+    first = decoder.decode(batches[0], boxes)
+    kept = np.array(first, copy=True)
+    decoder.decode(batches[1], boxes)
+    assert np.array_equal(first, kept)
+    into = np.zeros((10, 16, 16, 3), np.uint8)
+    decoder.decode(batches[2], boxes, into=into, rows=[0, 1, 2, 3, 5, 6, 7, 9])
+    assert not into[[4, 8]].any() and into[[0, 9]].any()
+    # Two threads, each decoding its own batches again and again, see only their own images.
+    references = [np.array(decoder.decode(batch, boxes), copy=True) for batch in batches]
+    assert all(not np.array_equal(references[0], other) for other in references[1:])
+
+    def hammer(offset: int) -> list[int]:
+        wrong = []
+        for round_number in range(40):
+            k = (2 * round_number + offset) % len(batches)
+            if not np.array_equal(decoder.decode(batches[k], boxes), references[k]):
+                wrong.append(k)
+        return wrong
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        assert [f.result() for f in [pool.submit(hammer, 0), pool.submit(hammer, 1)]] == [[], []]

@@ -714,3 +714,28 @@ def test_skips_of_a_pass_started_ahead_enter_the_state_when_delivered(
     skipped = [tuple(s[:2]) for s in loader.state_dict()["skipped"]]
     assert skipped == [(0, corrupt_photos.victim), (1, corrupt_photos.victim)]
     loader.close()
+
+
+def thread_nice(native_id: int) -> int:
+    with open(f"/proc/self/task/{native_id}/stat") as handle:
+        # Field 19 is the niceness; the command name (field 2) may hold spaces: skip past ')'.
+        return int(handle.read().rsplit(")", 1)[1].split()[16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("nice", [0, 7])
+def test_loader_threads_run_at_a_lower_priority(digits: str, nice: int) -> None:
+    """Fetch, decode and producer threads yield the CPU to the training loop; the caller's
+    own thread keeps its priority."""
+    loader = make(digits, thread_nice=nice, prefetch_next_epoch=True)
+    mine = thread_nice(threading.get_native_id())
+    try:
+        batches = iter(loader)
+        next(batches)
+        ours = [t for t in threading.enumerate() if t.name.startswith("shardflow-")]
+        assert {t.name.split("-")[1].split("_")[0] for t in ours} >= {"fetch", "decode",
+                                                                       "producer"}  # fmt: skip
+        assert {thread_nice(t.native_id) for t in ours if t.native_id} == {mine + nice}
+        assert thread_nice(threading.get_native_id()) == mine
+    finally:
+        loader.close()

@@ -152,7 +152,8 @@ def train_leg(
         batch = next(batches)
         waited = time.perf_counter() - mark
         inputs, targets = split_batch(config.model, batch, device)
-        set_learning_rate(optimizers, learning_rate(config.optim, step, total))
+        lr = learning_rate(config.optim, step, total, global_batch=config.data.global_batch)
+        set_learning_rate(optimizers, lr)
         loss = forward_backward(model, inputs, targets, precision=precision)
         if config.train.grad_clip:
             clip_gradients(layout, model.parts, config.train.grad_clip)

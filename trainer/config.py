@@ -124,22 +124,39 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw"] = "adamw"
-    """Optimizer."""
+    name: Literal["sgd", "adamw", "lamb", "lars", "adafactor"] = "adamw"
+    """Optimizer. lamb / lars: layer-wise trust ratios on full-tensor norms under any
+    sharding; adafactor: torch.optim.Adafactor (factored second moments)."""
     lr: float = 1e-3
-    """Peak learning rate."""
+    """Peak learning rate at base_batch (see scale_rule)."""
     momentum: float = 0.9
-    """SGD momentum."""
+    """SGD and LARS momentum."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW betas."""
+    """AdamW and LAMB betas."""
+    eps: float = 1e-8
+    """AdamW / LAMB denominator ε; LARS trust-ratio ε."""
     weight_decay: float = 0.0
-    """Decoupled weight decay."""
+    """Decoupled weight decay (LAMB / LARS: inside the trust ratio, as the papers do)."""
+    trust_coefficient: float = 0.001
+    """LARS η: local lr = η‖w‖ / (‖g‖ + λ‖w‖)."""
+    larc_clip: bool = False
+    """LARS: clip the local lr at the global one (LARC's clip mode)."""
+    exclude_bias_and_norm: bool = True
+    """LAMB / LARS: parameters of ≤ 1 dimension (biases, norm gains) take no weight decay
+    and no trust ratio."""
     warmup_steps: int = 0
     """Linear warm-up steps from 0 to lr."""
-    schedule: Literal["constant", "cosine"] = "cosine"
-    """After warm-up: constant, or cosine decay to min_lr_ratio × lr at the last step."""
+    schedule: Literal["constant", "cosine", "poly"] = "cosine"
+    """After warm-up: constant, cosine or polynomial decay to min_lr_ratio × lr at the last
+    step."""
+    poly_power: float = 1.0
+    """Exponent of the poly schedule (1: linear decay)."""
     min_lr_ratio: float = 0.1
-    """Cosine floor as a fraction of lr."""
+    """Decay floor as a fraction of lr."""
+    scale_rule: Literal["none", "linear", "sqrt"] = "none"
+    """Large-batch rule: lr × (data.global_batch / base_batch), or its square root."""
+    base_batch: int = 256
+    """The global batch that lr was tuned for."""
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -150,6 +167,10 @@ class OptimConfig:
             raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
+        if self.eps <= 0 or self.trust_coefficient <= 0 or self.poly_power <= 0:
+            raise ValueError("optim.eps, optim.trust_coefficient and optim.poly_power must be > 0")
+        if self.base_batch < 1:
+            raise ValueError(f"optim.base_batch must be >= 1, got {self.base_batch}")
 
 
 @dataclass(kw_only=True)

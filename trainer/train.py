@@ -168,7 +168,9 @@ def train(config: Config) -> dict[str, Any]:
                 if batch is None:
                     break
                 inputs, targets = split(batch)
-                lr = learning_rate(config.optim, step, total_steps)
+                lr = learning_rate(
+                    config.optim, step, total_steps, global_batch=config.data.global_batch
+                )
                 set_learning_rate(optimizers, lr)
                 loss = forward_backward(model, inputs, targets, precision=precision)
                 grad_norm = None

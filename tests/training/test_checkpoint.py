@@ -230,6 +230,30 @@ def test_an_fsdp_checkpoint_resumes_unsharded_at_1_rank(
     assert_losses_close(resumed, fsdp_run, range(11, STEPS + 1), WORLD_SIZE_TOLERANCE)
 
 
+@pytest.mark.timeout(300)
+def test_a_lamb_fsdp_checkpoint_resumes_exactly_and_unsharded(
+    digits_dataset: str, tmp_path: Path
+) -> None:
+    """LAMB's moments, sharded by FSDP2: resumed in the same layout the run continues bit for
+    bit; resharded into one process it continues within the world-size tolerance."""
+    lamb = ["--optim.name=lamb", "--optim.weight_decay=0.01"]  # at the tests' lr (see above)
+    sharded = train(tmp_path / "fsdp", digits_args(
+        digits_dataset, f"--checkpoint.interval={INTERVAL}", "--checkpoint.keep=3",
+        "--parallel.dp_shard=2", *lamb), nproc=2)  # fmt: skip
+    again = tmp_path / "fsdp-again"
+    seed_checkpoint(sharded.checkpoints / "step-00000010", again)
+    same = train(again, digits_args(digits_dataset, "--parallel.dp_shard=2", *lamb), nproc=2)
+    assert same.events("start")[-1]["step"] == 10
+    assert_same_batches(same, sharded, range(11, STEPS + 1))
+    assert same.losses() == {step: sharded.losses()[step] for step in range(11, STEPS + 1)}
+    alone = tmp_path / "resumed"
+    seed_checkpoint(sharded.checkpoints / "step-00000010", alone)
+    resumed = train(alone, digits_args(digits_dataset, *lamb))
+    assert resumed.events("start")[-1]["step"] == 10
+    assert_same_batches(resumed, sharded, range(11, STEPS + 1))
+    assert_losses_close(resumed, sharded, range(11, STEPS + 1), WORLD_SIZE_TOLERANCE)
+
+
 # ---------------------------------------------------------------------------------------------
 # Crashes
 

@@ -174,6 +174,33 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
+class CompressionConfig:
+    method: Literal["none", "fp16", "bf16", "powersgd", "topk", "sign"] = "none"
+    """Data-parallel gradient compression (DDP comm hooks): casts, PowerSGD (low rank), top-k
+    sparsification or scaled signs (1 bit a value) — the last three with error feedback."""
+    powersgd_rank: int = 4
+    """PowerSGD: rank of the P·Qᵀ approximation of each gradient matrix."""
+    powersgd_start_step: int = 10
+    """PowerSGD: exact all-reduce for this many steps first (at least 2: DDP settles its
+    buckets in the first step)."""
+    powersgd_warm_start: bool = True
+    """PowerSGD: start each step's power iteration from the last step's Q."""
+    topk_ratio: float = 0.01
+    """top-k: fraction of each bucket's values sent (largest magnitude after error feedback)."""
+
+    def __post_init__(self) -> None:
+        if self.powersgd_rank < 1:
+            raise ValueError(f"compression.powersgd_rank must be >= 1, got {self.powersgd_rank}")
+        if self.powersgd_start_step < 2:
+            raise ValueError(
+                "compression.powersgd_start_step must be >= 2 (DDP rebuilds its buckets in the "
+                f"first step), got {self.powersgd_start_step}"
+            )
+        if not 0 < self.topk_ratio <= 1:
+            raise ValueError(f"compression.topk_ratio must be within (0, 1], got {self.topk_ratio}")
+
+
+@dataclass(kw_only=True)
 class CheckpointConfig:
     interval: int = 0
     """Save every this many steps (0: only at the end of training)."""
@@ -209,6 +236,8 @@ class Config:
     """How ranks split the work: data, sharded-data, tensor and pipeline parallel degrees."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     """Optimizer and learning-rate schedule."""
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
+    """Data-parallel gradient compression and its error feedback."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """When and where to save, and whether to resume."""
 

@@ -105,7 +105,7 @@ def train(config: Config) -> dict[str, Any]:
     model = parallelize(
         config.model, config.parallel, layout=layout, device=device, num_classes=classes,
         seed=config.train.seed, activation_checkpointing=config.train.activation_checkpointing,
-        bf16=bf16,
+        bf16=bf16, compression=config.compression,
     )  # fmt: skip
     if layout.pp > 1 and loader.per_rank_batch % config.parallel.microbatches:
         raise ValueError(
@@ -200,6 +200,10 @@ def train(config: Config) -> dict[str, Any]:
                         record["grad_norm"] = grad_norm
                     if model.comm_timer is not None:
                         record["comm_s"] = round(model.comm_timer.take(), 6)
+                    if model.compressor is not None:
+                        sent, dense = model.compressor.take_bytes()
+                        record["comm_bytes"], record["comm_bytes_dense"] = sent, dense
+                        record["compression_ratio"] = round(dense / max(sent, 1), 3)
                     metrics.event("step", **record)
                 if config.checkpoint.interval and step % config.checkpoint.interval == 0:
                     save()

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.config import ModelConfig, ParallelConfig
+from trainer.compression import Compressor, build_compressor
+from trainer.config import CompressionConfig, ModelConfig, ParallelConfig
 from trainer.models import StagedModel, build_model, init_weights
 from trainer.parallel.data import (
     CommTimer,
@@ -52,6 +53,8 @@ class ParallelModel:
     """How data parallelism is done: 'ddp', 'fsdp', 'hsdp', 'replicate' (FSDP2) or 'none'."""
     comm_timer: CommTimer | None = None
     """With DDP: the time gradient all-reduces were in flight."""
+    compressor: Compressor | None = None
+    """With DDP and [compression]: the hook that compresses, and its byte counts."""
 
 
 def parallelize(
@@ -64,6 +67,7 @@ def parallelize(
     seed: int,
     activation_checkpointing: bool = False,
     bf16: bool = False,
+    compression: CompressionConfig | None = None,
 ) -> ParallelModel:
     with torch.device("meta"):
         whole = build_model(model_config, num_classes=num_classes)
@@ -94,7 +98,16 @@ def parallelize(
         else:
             strategy = "ddp"
     wrapped: list[nn.Module] = []
-    timer = CommTimer() if strategy == "ddp" else None
+    compressor = None
+    # One process sends nothing: the same config then simply runs uncompressed.
+    if compression is not None and compression.method != "none" and layout.world_size > 1:
+        if strategy != "ddp":
+            raise ValueError(
+                f"compression.method = {compression.method!r} needs plain data parallelism "
+                f"(DDP); this layout runs {strategy!r}: set parallel.dp_shard = tp = pp = 1"
+            )
+        compressor = build_compressor(compression, layout.submesh("dp_replicate").get_group())
+    timer = CommTimer(compressor.hook if compressor else None) if strategy == "ddp" else None
     for part in parts:
         part.to_empty(device=device)
         init_weights(part, seed)
@@ -110,4 +123,5 @@ def parallelize(
     return ParallelModel(
         parts=wrapped, loss_fn=loss_fn, schedule=schedule, first_stage=0 in stage_ids,
         last_stage=stages - 1 in stage_ids, strategy=strategy, comm_timer=timer,
+        compressor=compressor,
     )  # fmt: skip

@@ -8,7 +8,10 @@ A checkpoint is a directory ``{dir}/step-NNNNNNNN/`` holding
   layout) loads it and reshards on the fly;
 - ``train_state.json``: step, loader position (epoch, batches delivered, skipped samples
   of every rank), the config and layout it was written by;
-- ``rng/rank-R.json``: each rank's torch RNG state (restored when the world size is the same).
+- ``rng/rank-R.json``: each rank's torch RNG state (restored when the world size is the same);
+- with ``[compression]``, each rank's compressor state (error-feedback residuals, PowerSGD's
+  P and Q, step counts) inside DCP under ``compression.rankR.*`` — restored when the world
+  size is the same, as the RNG is.
 
 Everything outside DCP is JSON: nothing is unpickled on resume.
 
@@ -40,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,6 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from trainer.compression import Compressor
 from trainer.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -91,8 +96,10 @@ class Checkpointer:
         optimizers: list[torch.optim.Optimizer],
         rank: int,
         world_size: int,
+        compressor: Compressor | None = None,
     ) -> None:
         self.config = config
+        self.compressor = compressor
         self.directory = directory
         self.parts = parts
         self.optimizers = optimizers
@@ -121,7 +128,10 @@ class Checkpointer:
         for part, optimizer in zip(self.parts, self.optimizers, strict=True):
             model.update(get_model_state_dict(part, options=_OPTIONS))
             optim.update(get_optimizer_state_dict(part, optimizer, options=_OPTIONS))
-        return {"model": model, "optim": optim}
+        state: dict[str, Any] = {"model": model, "optim": optim}
+        if self.compressor is not None:
+            state["compression"] = {f"rank{self.rank}": self.compressor.state_dict()}
+        return state
 
     def latest(self) -> str | None:
         found = complete_checkpoints(self.directory)
@@ -186,15 +196,32 @@ class Checkpointer:
 
     def load(self, path: str) -> dict[str, Any]:
         """Restore model parts, optimizers and (same world size) RNG; returns train_state."""
+        with open(os.path.join(path, TRAIN_STATE), encoding="utf-8") as handle:
+            train_state: dict[str, Any] = json.load(handle)
         state = self._state()
+        same_world = train_state.get("world_size") == self.world_size
+        compression = state.pop("compression", None)
+        if compression is not None and same_world:
+            # This rank's saved tensors, shaped as the checkpoint recorded them.
+            prefix = f"compression.rank{self.rank}."
+            metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+            saved = {
+                key[len(prefix) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
+                for key, entry in metadata.items()
+                if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+            }
+            if saved:
+                state["compression"] = {f"rank{self.rank}": saved}
         dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
         for part, optimizer in zip(self.parts, self.optimizers, strict=True):
             set_model_state_dict(part, state["model"], options=_OPTIONS)
             set_optimizer_state_dict(part, optimizer, state["optim"], options=_OPTIONS)
-        with open(os.path.join(path, TRAIN_STATE), encoding="utf-8") as handle:
-            train_state: dict[str, Any] = json.load(handle)
+        if self.compressor is not None and "compression" in state:
+            self.compressor.load_state_dict(state["compression"][f"rank{self.rank}"])
+        elif self.compressor is not None:
+            log.info("compression state starts afresh (the world size changed)")
         rng_path = os.path.join(path, "rng", f"rank-{self.rank}.json")
-        if train_state.get("world_size") == self.world_size and os.path.exists(rng_path):
+        if same_world and os.path.exists(rng_path):
             with open(rng_path, encoding="utf-8") as handle:
                 raw = base64.b64decode(json.load(handle)["torch"])
             torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))

@@ -118,6 +118,7 @@ def train(config: Config) -> dict[str, Any]:
     checkpointer = Checkpointer(
         config.checkpoint, config.checkpoint.dir or os.path.join(out_dir, "checkpoints"),
         parts=model.parts, optimizers=optimizers, rank=rank, world_size=world_size,
+        compressor=model.compressor,
     )  # fmt: skip
     step, resumed_from = 0, ""
     latest = checkpointer.latest() if config.checkpoint.resume == "auto" else None

@@ -129,3 +129,33 @@ def test_training_with_compression_learns_like_without(
 # top-k sends each weight about once in 100 steps, so 84 steps leave it far behind; all
 # stay well below chance (2.30), and the error-feedback test above shows where they go.
 LOSS_TOLERANCE = {"fp16": 0.02, "bf16": 0.02, "powersgd": 0.15, "sign": 0.4, "topk": 1.2}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("method", ["topk", "sign"])
+def test_a_resume_restores_the_compression_state_exactly(
+    method: str, digits_dataset: str, run_trainer: Callable[..., list[dict[str, Any]]],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    import shutil
+
+    import torch.distributed.checkpoint as dcp
+
+    options = [*DIGITS, f"--data.url={digits_dataset}", f"--compression.method={method}",
+               "--compression.powersgd_start_step=5", "--train.max_steps=20",
+               "--checkpoint.interval=10", "--checkpoint.keep=3"]  # fmt: skip
+    whole = run_trainer(tmp_path / "whole", options, nproc=2)
+    checkpoint = tmp_path / "whole" / "checkpoints" / "step-00000010"
+    saved = dcp.FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    for rank in (0, 1):  # each rank's own residuals, per parameter, are in it
+        prefix = f"compression.rank{rank}.residual-output_layer.fc.weight"
+        assert any(key.startswith(prefix) for key in saved), sorted(saved)
+    shutil.copytree(checkpoint, tmp_path / "resumed" / "checkpoints" / checkpoint.name)
+    resumed = run_trainer(tmp_path / "resumed", options, nproc=2)
+    start = [r for r in resumed if r["event"] == "start"][-1]
+    assert start["step"] == 10
+    losses = {r["step"]: r["loss"] for r in whole if r["event"] == "step"}
+    again = {r["step"]: r["loss"] for r in resumed if r["event"] == "step"}
+    assert sorted(again) == list(range(11, 21))
+    assert again == {step: losses[step] for step in range(11, 21)}  # bit for bit

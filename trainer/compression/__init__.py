@@ -12,11 +12,15 @@ each rank contributes to its collectives) beside the bytes a dense all-reduce wo
                   gradient tensor: values and int32 indices all-gathered and summed; the rest
                   stays in the residual
     sign          EF-SignSGD (Karimireddy et al., 2019): one bit per entry, packed, plus one
-                  fp32 scale mean|g + e| per block of 1,024 entries; the residual keeps the rest
+                  fp32 scale mean|g + e| per block of up to 1,024 entries of one parameter;
+                  the residual keeps the rest
 
-Error feedback state is kept per bucket index. DDP settles its buckets during the first step,
-so every compressor sends the first ``warmup_steps`` steps dense (2 at least) and keeps no
-residual from them.
+DDP settles its buckets during the first step, so every compressor sends the first
+``warmup_steps`` steps dense (2 at least). Top-k and sign keep their residuals per parameter
+name, so bucket layouts do not matter; ``state_dict()`` holds this rank's state for the
+checkpoint, restored when the world size is unchanged (a residual belongs to one rank's share
+of the data; another world size starts afresh). PowerSGD's residuals and P, Q live per bucket
+inside torch's hook: only its step counters are saved (see PowerSGD.state_dict).
 """
 
 from __future__ import annotations
@@ -57,6 +61,16 @@ class Compressor:
             taken = (self._sent, self._dense)
             self._sent = self._dense = 0
         return taken
+
+    def name_parameters(self, module: torch.nn.Module) -> None:
+        """Learn the parameters' names (before DDP wraps ``module``), for per-name state."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's state (error feedback differs per rank), as tensors for DCP."""
+        return {"steps": torch.tensor(self.steps)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.steps = int(state["steps"])
 
     def hook(self, group: dist.ProcessGroup, bucket: dist.GradBucket) -> Future[torch.Tensor]:
         buffer = bucket.buffer()
@@ -106,6 +120,16 @@ class PowerSGD(Compressor):
             use_error_feedback=True, warm_start=warm_start, random_seed=0,
         )  # fmt: skip
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        # Only the counters: torch keeps the residuals and P, Q per *bucket*, and DDP's first
+        # step after a restart runs with its initial bucket layout, not the rebuilt one the
+        # state was kept in, so they would land on the wrong entries. A resumed run
+        # restarts them (zero residual, fresh Q), which error feedback absorbs.
+        return {"steps": torch.tensor(self.steps), "iter": torch.tensor(self.state.iter)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.steps, self.state.iter = int(state["steps"]), int(state["iter"])
+
     def compress(self, group: dist.ProcessGroup, bucket: dist.GradBucket) -> Future[torch.Tensor]:
         numel = bucket.buffer().numel()
         if self.state.iter < self.state.start_powerSGD_iter:
@@ -118,18 +142,48 @@ class PowerSGD(Compressor):
 
 
 class _ErrorFeedback(Compressor):
-    """Residual bookkeeping shared by top-k and sign: ``corrected`` = gradient + residual."""
+    """Residual bookkeeping shared by top-k and sign, per parameter (by name): DDP lays its
+    buckets out again after the first step — and a restarted run starts from the initial
+    layout — so a residual kept per bucket would move to other entries."""
 
     def __init__(self) -> None:
         super().__init__(warmup_steps=2)
-        self.residuals: dict[int, torch.Tensor] = {}
+        self.residuals: dict[str, torch.Tensor] = {}
+        self.names: dict[int, str] = {}
+
+    def name_parameters(self, module: torch.nn.Module) -> None:
+        self.names = {id(param): name for name, param in module.named_parameters()}
+
+    def _names(self, bucket: dist.GradBucket) -> list[str]:
+        return [self.names.get(id(p), f"#{id(p)}") for p in bucket.parameters()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        state.update({f"residual-{name}": r for name, r in self.residuals.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        prefix = "residual-"
+        self.residuals = {key[len(prefix) :]: tensor.clone()
+                          for key, tensor in state.items() if key.startswith(prefix)}  # fmt: skip
 
     def corrected(self, bucket: dist.GradBucket) -> torch.Tensor:
+        """The bucket's gradients plus each parameter's residual, flat in bucket order."""
         buffer = bucket.buffer()
-        residual = self.residuals.get(bucket.index())
-        if residual is None or residual.shape != buffer.shape:
-            residual = self.residuals[bucket.index()] = torch.zeros_like(buffer)
-        return buffer + residual
+        parts = []
+        for name, gradient in zip(self._names(bucket), bucket.gradients(), strict=True):
+            residual = self.residuals.get(name)
+            if residual is None or residual.numel() != gradient.numel():
+                residual = torch.zeros(gradient.numel(), dtype=buffer.dtype, device=buffer.device)
+            parts.append(residual.reshape(-1))
+        return buffer + torch.cat(parts)
+
+    def keep(self, bucket: dist.GradBucket, residual: torch.Tensor) -> None:
+        """Store the flat residual back per parameter."""
+        sizes = [gradient.numel() for gradient in bucket.gradients()]
+        for name, part in zip(self._names(bucket), residual.split(sizes), strict=True):
+            self.residuals[name] = part
 
 
 class TopK(_ErrorFeedback):
@@ -155,9 +209,9 @@ class TopK(_ErrorFeedback):
         indices = torch.cat(chosen)
         k = indices.numel()
         values = corrected[indices]
-        residual = self.residuals[bucket.index()]
-        residual.copy_(corrected)
+        residual = corrected.clone()
         residual[indices] = 0
+        self.keep(bucket, residual)
         if k * 8 >= numel * 4:  # sparse would cost more than dense: all-reduce the kept values
             sparse = torch.zeros_like(buffer)
             sparse[indices] = values
@@ -181,38 +235,50 @@ class TopK(_ErrorFeedback):
 class Sign(_ErrorFeedback):
     name = "sign"
     block = 1024
-    """Entries sharing one fp32 scale: 1.03 bits an entry (31× fewer bytes than fp32). One
-    scale per bucket let the residual grow without bound on a constant gradient (measured:
-    ‖e‖ ∝ steps^0.55); per-block scales keep it bounded."""
+    """Entries of one parameter sharing one fp32 scale (≈ 1.03 bits an entry). One scale per
+    bucket let the residual grow like steps^0.55 on a fixed gradient; blocks grow it far less.
+    Blocks lie within each parameter, so DDP's bucket layout does not change them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._blocks: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def blocks(self, bucket: dist.GradBucket) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each entry's block number, and each block's entry count."""
+        sizes = tuple(gradient.numel() for gradient in bucket.gradients())
+        if sizes not in self._blocks:
+            numbers, first = [], 0
+            for size in sizes:
+                numbers.append(torch.arange(size) // self.block + first)
+                first += -(-size // self.block)
+            of_entry = torch.cat(numbers).to(bucket.buffer().device)
+            self._blocks[sizes] = (of_entry, torch.bincount(of_entry, minlength=first))
+        return self._blocks[sizes]
 
     def compress(self, group: dist.ProcessGroup, bucket: dist.GradBucket) -> Future[torch.Tensor]:
         buffer = bucket.buffer()
         numel, world = buffer.numel(), group.size()
-        blocks = -(-numel // self.block)
+        of_entry, counts = self.blocks(bucket)
         corrected = self.corrected(bucket)
-        padded = torch.zeros(blocks * self.block, dtype=buffer.dtype, device=buffer.device)
-        padded[:numel] = corrected
-        scales = padded.view(blocks, self.block).abs().sum(dim=1)
-        scales[-1] /= numel - (blocks - 1) * self.block  # the last block may be short
-        scales[:-1] /= self.block
+        scales = torch.zeros(counts.numel(), dtype=torch.float32, device=buffer.device)
+        scales.index_add_(0, of_entry, corrected.abs().float()).div_(counts)
         positive = corrected >= 0
-        signs = positive.to(buffer.dtype).mul_(2).sub_(1)
-        sent = signs.mul_(scales.repeat_interleave(self.block)[:numel])
+        sent = positive.to(buffer.dtype).mul_(2).sub_(1).mul_(scales[of_entry])
         # What this rank contributes: scale · sign; the rest carries over to the next step.
-        self.residuals[bucket.index()].copy_(corrected - sent)
+        self.keep(bucket, corrected - sent)
         # Scales first: a float32 view needs an offset divisible by 4.
         payload = torch.cat([scales.view(torch.uint8), _pack(positive)])
         gathered = [torch.empty_like(payload) for _ in range(world)]
         self.count(payload.numel(), numel * 4)
         work = dist.all_gather(gathered, payload, group=group, async_op=True)
-        start = blocks * 4
+        start = counts.numel() * 4
 
         def decode(_: Future[Any]) -> torch.Tensor:
             buffer.zero_()
             for part in gathered:
-                their_scales = part[:start].view(torch.float32).repeat_interleave(self.block)
+                their_scales = part[:start].view(torch.float32)[of_entry]
                 their_signs = _unpack(part[start:], numel).to(buffer.dtype).mul_(2).sub_(1)
-                buffer.add_(their_signs.mul_(their_scales[:numel]))
+                buffer.add_(their_signs.mul_(their_scales))
             return buffer.div_(world)
 
         return work.get_future().then(decode)

@@ -112,6 +112,8 @@ def parallelize(
         part.to_empty(device=device)
         init_weights(part, seed)
         if strategy == "ddp":
+            if compressor is not None:
+                compressor.name_parameters(part)
             mesh = layout.submesh("dp_replicate")
             wrapped.append(apply_ddp(part, mesh=mesh, bucket_mb=config.ddp_bucket_mb, timer=timer))
         else:

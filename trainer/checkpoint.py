@@ -9,9 +9,9 @@ A checkpoint is a directory ``{dir}/step-NNNNNNNN/`` holding
 - ``train_state.json``: step, loader position (epoch, batches delivered, skipped samples
   of every rank), the config and layout it was written by;
 - ``rng/rank-R.json``: each rank's torch RNG state (restored when the world size is the same);
-- with ``[compression]``, each rank's compressor state (error-feedback residuals, PowerSGD's
-  P and Q, step counts) inside DCP under ``compression.rankR.*`` — restored when the world
-  size is the same, as the RNG is.
+- with ``[compression]``, each rank's compressor state (error-feedback residuals and
+  PowerSGD's Q per parameter, step counts) inside DCP under ``compression.rankR.*`` —
+  restored when the world size is the same, as the RNG is.
 
 Everything outside DCP is JSON: nothing is unpickled on resume.
 

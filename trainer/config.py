@@ -176,25 +176,25 @@ class OptimConfig:
 @dataclass(kw_only=True)
 class CompressionConfig:
     method: Literal["none", "fp16", "bf16", "powersgd", "topk", "sign"] = "none"
-    """Data-parallel gradient compression (DDP comm hooks): casts, PowerSGD (low rank), top-k
+    """Data-parallel gradient compression — of DDP's all-reduce, or under HSDP of the
+    all-reduce across the replicate dimension only: casts, PowerSGD (low rank), top-k
     sparsification or scaled signs (1 bit a value) — the last three with error feedback."""
     powersgd_rank: int = 4
     """PowerSGD: rank of the P·Qᵀ approximation of each gradient matrix."""
     powersgd_start_step: int = 10
-    """PowerSGD: exact all-reduce for this many steps first (at least 2: DDP settles its
-    buckets in the first step)."""
+    """PowerSGD: exact all-reduce for this many steps first, while gradients are large and
+    change fast."""
     powersgd_warm_start: bool = True
     """PowerSGD: start each step's power iteration from the last step's Q."""
     topk_ratio: float = 0.01
-    """top-k: fraction of each bucket's values sent (largest magnitude after error feedback)."""
+    """top-k: fraction of each parameter's values sent (largest magnitude after error feedback)."""
 
     def __post_init__(self) -> None:
         if self.powersgd_rank < 1:
             raise ValueError(f"compression.powersgd_rank must be >= 1, got {self.powersgd_rank}")
-        if self.powersgd_start_step < 2:
+        if self.powersgd_start_step < 0:
             raise ValueError(
-                "compression.powersgd_start_step must be >= 2 (DDP rebuilds its buckets in the "
-                f"first step), got {self.powersgd_start_step}"
+                f"compression.powersgd_start_step must be >= 0, got {self.powersgd_start_step}"
             )
         if not 0 < self.topk_ratio <= 1:
             raise ValueError(f"compression.topk_ratio must be within (0, 1], got {self.topk_ratio}")

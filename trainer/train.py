@@ -180,6 +180,8 @@ def train(config: Config) -> dict[str, Any]:
                 for optimizer in optimizers:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
+                if model.compressor is not None:
+                    model.compressor.step_done()
                 step += 1
                 logged = step % config.train.log_every == 0 or step == total_steps
                 if logged:
@@ -201,6 +203,8 @@ def train(config: Config) -> dict[str, Any]:
                         record["grad_norm"] = grad_norm
                     if model.comm_timer is not None:
                         record["comm_s"] = round(model.comm_timer.take(), 6)
+                    elif model.compressor is not None:
+                        record["comm_s"] = round(model.compressor.take_seconds(), 6)
                     if model.compressor is not None:
                         sent, dense = model.compressor.take_bytes()
                         record["comm_bytes"], record["comm_bytes_dense"] = sent, dense

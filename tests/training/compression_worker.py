@@ -26,6 +26,10 @@ METHODS = {
     "powersgd": CompressionConfig(method="powersgd", powersgd_rank=4, powersgd_start_step=2),
     "topk": CompressionConfig(method="topk", topk_ratio=0.01),
     "sign": CompressionConfig(method="sign"),
+    # Gradients of rank 3 (no noise): rank-4 PowerSGD must pass them through exactly.
+    "powersgd_lowrank": CompressionConfig(
+        method="powersgd", powersgd_rank=4, powersgd_start_step=2
+    ),
 }
 ROWS, COLS = 256, 128
 STEPS = 802  # 2 dense warm-up steps, then 800 compressed ones
@@ -43,12 +47,15 @@ class Probe(nn.Module):
         return (self.weight * a).sum() + (self.bias * c).sum()
 
 
-def gradients(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(100 + rank)
-    # A low-rank part plus noise, like real gradient matrices, and a heavy-tailed spread.
+def gradients(rank: int, noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A low-rank part plus noise, like real gradient matrices. Without noise, every rank's
+    matrix is a multiple of one rank-3 matrix, so their mean has rank 3 too."""
+    generator = torch.Generator().manual_seed(100 + (rank if noise else 0))
     low = torch.randn(ROWS, 3, generator=generator) @ torch.randn(3, COLS, generator=generator)
-    noise = 0.3 * torch.randn(ROWS, COLS, generator=generator)
-    return low + noise, torch.randn(COLS, generator=generator)
+    if not noise:
+        return (1 + rank) * low, torch.randn(COLS, generator=generator) + rank
+    high = noise * torch.randn(ROWS, COLS, generator=generator)
+    return low + high, torch.randn(COLS, generator=generator)
 
 
 def flat(model: nn.Module) -> torch.Tensor:
@@ -59,17 +66,21 @@ def run(name: str, config: CompressionConfig) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     group = dist.new_group(backend="gloo")
     model = DistributedDataParallel(Probe(), process_group=group, gradient_as_bucket_view=True)
-    compressor = build_compressor(config, group)
+    compressor = build_compressor(config)
     assert compressor is not None
+    compressor.name_parameters(model.module)
     model.register_comm_hook(group, compressor.hook)
-    a, c = gradients(rank)
-    exact = sum(torch.cat([g[0].reshape(-1), g[1]]) for g in map(gradients, range(world))) / world
+    noise = 0.0 if name.endswith("lowrank") else 0.3
+    a, c = gradients(rank, noise)
+    exact = sum(torch.cat([g[0].reshape(-1), g[1]])
+                for g in (gradients(r, noise) for r in range(world))) / world  # fmt: skip
     total = torch.zeros_like(exact)
     running: dict[int, float] = {}
     first_error, sent, dense, agreed = 0.0, 0, 0, True
     for step in range(STEPS):
         model.zero_grad(set_to_none=False)
         model(a, c).backward()
+        compressor.step_done()
         got = flat(model)
         mine = got.clone()
         theirs = [torch.empty_like(mine) for _ in range(world)]

@@ -5,9 +5,11 @@
 3. tensor parallel: DTensor column/row plans on the tp mesh (``tensor``);
 4. activation checkpointing around each block (``data``);
 5. FSDP2 ``fully_shard`` per block, then the root, on the 2-D (dp_replicate, dp_shard)
-   mesh: FSDP, HSDP, or — when dp_shard is 1 but TP or PP is on — pure replication through
-   FSDP2 (DDP's reducer cannot follow a pipeline's microbatches: its bucket rebuild sees
-   each parameter once per microbatch and fails an internal assert in torch 2.13);
+   mesh: FSDP, HSDP (with ``[compression]``: on the dp_shard mesh, and a compressing hook
+   averages over dp_replicate — ``trainer.compression``), or — when dp_shard is 1 but TP
+   or PP is on — pure replication through FSDP2 (DDP's reducer cannot follow a pipeline's
+   microbatches: its bucket rebuild sees each parameter once per microbatch and fails an
+   internal assert in torch 2.13);
 6. materialise (``to_empty``) and initialise each parameter from (seed, name) — the same
    weights in every layout (``trainer.models.init``);
 7. DDP around the model, when data parallelism is pure replication alone (``data``);
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -54,7 +57,8 @@ class ParallelModel:
     comm_timer: CommTimer | None = None
     """With DDP: the time gradient all-reduces were in flight."""
     compressor: Compressor | None = None
-    """With DDP and [compression]: the hook that compresses, and its byte counts."""
+    """With [compression] under DDP or HSDP: the compressor, its byte counts, and under HSDP
+    the seconds its hooks spent averaging."""
 
 
 def parallelize(
@@ -91,22 +95,33 @@ def parallelize(
                 strategy = "replicate"
             else:
                 strategy = "hsdp" if layout.dp_replicate > 1 else "fsdp"
-            mesh = layout.submesh("dp_replicate", "dp_shard")
-            for part in parts:
-                apply_fsdp(part, mesh=mesh, bf16=bf16,
-                           reshard_after_forward=config.fsdp_reshard_after_forward)  # fmt: skip
         else:
             strategy = "ddp"
-    wrapped: list[nn.Module] = []
     compressor = None
     # One process sends nothing: the same config then simply runs uncompressed.
     if compression is not None and compression.method != "none" and layout.world_size > 1:
-        if strategy != "ddp":
+        if strategy not in ("ddp", "hsdp") or layout.pp > 1:
             raise ValueError(
-                f"compression.method = {compression.method!r} needs plain data parallelism "
-                f"(DDP); this layout runs {strategy!r}: set parallel.dp_shard = tp = pp = 1"
+                f"compression.method = {compression.method!r} compresses the all-reduce across "
+                f"data-parallel replicas: it needs DDP (dp_replicate > 1 alone) or HSDP "
+                f"(dp_replicate > 1 and dp_shard > 1, without pipeline stages); this layout "
+                f"runs {strategy!r} with pp = {layout.pp}"
             )
-        compressor = build_compressor(compression, layout.submesh("dp_replicate").get_group())
+        compressor = build_compressor(compression)
+    if strategy in ("replicate", "fsdp", "hsdp"):
+        hook = None
+        if compressor is None:
+            mesh = layout.submesh("dp_replicate", "dp_shard")
+        else:
+            # FSDP2 shards inside the shard group only (exact reduce-scatter); the hook then
+            # averages each shard over the replicate group, compressed.
+            mesh = layout.submesh("dp_shard")
+            replicas = layout.submesh("dp_replicate").get_group()
+            hook = functools.partial(compressor.fsdp_hook, replicas)
+        for part in parts:
+            apply_fsdp(part, mesh=mesh, bf16=bf16, all_reduce_hook=hook,
+                       reshard_after_forward=config.fsdp_reshard_after_forward)  # fmt: skip
+    wrapped: list[nn.Module] = []
     timer = CommTimer(compressor.hook if compressor else None) if strategy == "ddp" else None
     for part in parts:
         part.to_empty(device=device)

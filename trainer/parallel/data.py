@@ -35,15 +35,19 @@ def apply_activation_checkpointing(model: StagedModel) -> None:
 
 
 def apply_fsdp(
-    model: StagedModel, *, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool
-) -> None:
+    model: StagedModel, *, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool,
+    all_reduce_hook: Callable[[nn.Module], Callable[[torch.Tensor], None]] | None = None,
+) -> None:  # fmt: skip
+    """``all_reduce_hook(module)`` gives the hook FSDP2 runs on each sharded module's
+    reduce-scattered gradients (``FSDPModule.set_all_reduce_hook``)."""
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
     )
-    for block in model.blocks.values():
-        fully_shard(block, mesh=mesh, mp_policy=policy,
-                    reshard_after_forward=reshard_after_forward)  # fmt: skip
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    for module in [*model.blocks.values(), model]:
+        sharded = fully_shard(module, mesh=mesh, mp_policy=policy,
+                              reshard_after_forward=reshard_after_forward)  # fmt: skip
+        if all_reduce_hook is not None:
+            sharded.set_all_reduce_hook(all_reduce_hook(module))
 
 
 class CommTimer:

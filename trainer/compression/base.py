@@ -1,0 +1,238 @@
+"""What every compressor shares: the layout of a gradient buffer (``Segment``), byte counts,
+step counting, error-feedback residuals kept per parameter name, and the two ways gradients
+reach a compressor — a DDP comm hook per bucket (``Compressor.hook``) and an FSDP2
+all-reduce hook per sharded module (``Compressor.fsdp_hook``), which under HSDP averages the
+reduce-scattered shard over the replicate dimension only.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+Future = torch.futures.Future
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One parameter's gradient inside a flat buffer: entries [offset, offset + numel)."""
+
+    name: str
+    offset: int
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.numel
+
+
+def tile(named_shapes: list[tuple[str, tuple[int, ...]]]) -> tuple[Segment, ...]:
+    """Segments laid end to end, in the given order."""
+    segments, offset = [], 0
+    for name, shape in named_shapes:
+        segments.append(Segment(name, offset, shape))
+        offset += math.prod(shape)
+    return tuple(segments)
+
+
+def done_future(value: torch.Tensor) -> Future[torch.Tensor]:
+    future: Future[torch.Tensor] = Future()
+    future.set_result(value)
+    return future
+
+
+class Compressor:
+    """Averages a flat gradient buffer over a process group, densely in fp32 here (what the
+    subclasses compress), and counts the bytes each rank contributed to its collectives
+    beside those a dense fp32 all-reduce would have: ``take_bytes()``.
+
+    ``compress(group, flat, segments)`` receives a buffer its segments tile exactly and
+    returns a future of the averaged buffer. The first ``warmup_steps`` steps go dense;
+    the trainer calls ``step_done()`` after each optimizer step.
+    """
+
+    name = "dense"
+
+    def __init__(self, warmup_steps: int = 2) -> None:
+        self.warmup_steps = warmup_steps
+        self.steps = 0
+        self._sent = 0
+        self._dense = 0
+        self._seconds = 0.0
+        self._lock = threading.Lock()
+        self.names: dict[int, str] = {}
+
+    # -- bookkeeping -------------------------------------------------------------------
+    def count(self, sent: int, dense: int) -> None:
+        with self._lock:
+            self._sent += sent
+            self._dense += dense
+
+    def take_bytes(self) -> tuple[int, int]:
+        """(bytes sent, bytes a dense fp32 all-reduce would have sent) since the last call."""
+        with self._lock:
+            taken = (self._sent, self._dense)
+            self._sent = self._dense = 0
+        return taken
+
+    def take_seconds(self) -> float:
+        """Seconds the FSDP hooks spent averaging (the DDP path is timed by CommTimer)."""
+        with self._lock:
+            seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def name_parameters(self, module: nn.Module) -> None:
+        """Learn the parameters' names (before DDP wraps ``module``), for per-name state."""
+        self.names = {id(param): name for name, param in module.named_parameters()}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """This rank's state (error feedback differs per rank), as tensors for DCP."""
+        return {"steps": torch.tensor(self.steps)}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.steps = int(state["steps"])
+
+    # -- averaging ---------------------------------------------------------------------
+    def average(
+        self, group: dist.ProcessGroup, flat: torch.Tensor, segments: tuple[Segment, ...]
+    ) -> Future[torch.Tensor]:
+        if self.steps < self.warmup_steps:
+            return self.dense(group, flat)
+        return self.compress(group, flat, segments)
+
+    def dense(self, group: dist.ProcessGroup, flat: torch.Tensor) -> Future[torch.Tensor]:
+        self.count(flat.numel() * 4, flat.numel() * 4)
+        world = group.size()
+        work = dist.all_reduce(flat, group=group, async_op=True)
+        return work.get_future().then(lambda _: flat.div_(world))
+
+    def compress(
+        self, group: dist.ProcessGroup, flat: torch.Tensor, segments: tuple[Segment, ...]
+    ) -> Future[torch.Tensor]:
+        return self.dense(group, flat)
+
+    # -- where gradients come from -----------------------------------------------------
+    def hook(self, group: dist.ProcessGroup, bucket: dist.GradBucket) -> Future[torch.Tensor]:
+        """DDP comm hook: one bucket. Its gradients are views laid end to end in the buffer."""
+        params, grads = bucket.parameters(), bucket.gradients()
+        shapes = [(self.names.get(id(param), f"#{id(param)}"), tuple(grad.shape))
+                  for param, grad in zip(params, grads, strict=True)]  # fmt: skip
+        return self.average(group, bucket.buffer(), tile(shapes))
+
+    def fsdp_hook(
+        self, group: dist.ProcessGroup, module: nn.Module
+    ) -> Callable[[torch.Tensor], None]:
+        """An FSDP2 all-reduce hook (``set_all_reduce_hook``) for ``module``, sharded on a 1-D
+        mesh: it receives the reduce-scattered (already averaged within the shard group)
+        shard of the module's gradients and averages it over ``group`` in place.
+
+        FSDP2 lays each parameter's shard out at the start of a padded stretch; the padding
+        is left out, and a rank whose shard of a parameter is empty sends nothing for it.
+        """
+        layout: list[tuple[Segment, int]] = []  # (segment in the packed tensor, flat offset)
+
+        def learn_layout() -> None:
+            state = module._get_fsdp_state()  # type: ignore[operator]
+            group_state = state._fsdp_param_group
+            named, offsets, offset = [], [], 0
+            for param in group_state.fsdp_params if group_state is not None else []:
+                shape = tuple(param.sharded_size)
+                if math.prod(shape):
+                    named.append((param._param_fqn, shape))
+                    offsets.append(offset)
+                offset += param.padded_sharded_param_size.numel()
+            layout.extend(zip(tile(named), offsets, strict=True))
+
+        def hook(reduce_output: torch.Tensor) -> None:
+            started = time.perf_counter()
+            if not layout:
+                learn_layout()
+            segments = tuple(segment for segment, _ in layout)
+            packed = torch.cat([reduce_output[offset : offset + segment.numel]
+                                for segment, offset in layout])  # fmt: skip
+            averaged = self.average(group, packed, segments).wait()
+            for segment, offset in layout:
+                reduce_output[offset : offset + segment.numel].copy_(
+                    averaged[segment.offset : segment.end]
+                )
+            with self._lock:
+                self._seconds += time.perf_counter() - started
+
+        return hook
+
+
+# DDP checks a hook's annotations itself; under `from __future__ import annotations` they
+# would be strings, and it would refuse the hook.
+Compressor.hook.__annotations__["bucket"] = dist.GradBucket
+Compressor.hook.__annotations__["return"] = torch.futures.Future[torch.Tensor]
+
+
+class Cast(Compressor):
+    """fp16 / bf16: divided by the world size, then cast (so fp16 cannot overflow in the
+    sum), all-reduced, and cast back — what torch's fp16/bf16 DDP hooks do, on any buffer."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+        self.name = "fp16" if dtype == torch.float16 else "bf16"
+
+    def compress(
+        self, group: dist.ProcessGroup, flat: torch.Tensor, segments: tuple[Segment, ...]
+    ) -> Future[torch.Tensor]:
+        cast = flat.to(self.dtype).div_(group.size())
+        self.count(cast.numel() * cast.element_size(), flat.numel() * 4)
+        work = dist.all_reduce(cast, group=group, async_op=True)
+        return work.get_future().then(lambda _: flat.copy_(cast))
+
+
+class ErrorFeedback(Compressor):
+    """Residuals — what compression left out, added to the next step's gradient — kept per
+    parameter name: DDP lays its buckets out again after the first step, a restarted run
+    starts from the initial layout, and FSDP groups parameters its own way, so a residual
+    kept per bucket would move to other entries."""
+
+    def __init__(self, warmup_steps: int = 2) -> None:
+        super().__init__(warmup_steps)
+        self.residuals: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = super().state_dict()
+        state.update({f"residual-{name}": r for name, r in self.residuals.items()})
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_state_dict(state)
+        self.residuals = with_prefix(state, "residual-")
+
+    def corrected(self, flat: torch.Tensor, segments: tuple[Segment, ...]) -> torch.Tensor:
+        """The gradients plus each parameter's residual (a new tensor)."""
+        corrected = flat.clone()
+        for segment in segments:
+            residual = self.residuals.get(segment.name)
+            if residual is not None and residual.numel() == segment.numel:
+                corrected[segment.offset : segment.end] += residual
+        return corrected
+
+    def keep(self, residual: torch.Tensor, segments: tuple[Segment, ...]) -> None:
+        """Store a flat residual back per parameter."""
+        for segment in segments:
+            self.residuals[segment.name] = residual[segment.offset : segment.end]
+
+
+def with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {key[len(prefix) :]: tensor.clone()
+            for key, tensor in state.items() if key.startswith(prefix)}  # fmt: skip

@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from trainer.compression import Compressor
+from trainer.compression import Compressor, StateAverage
 from trainer.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -202,14 +202,7 @@ class Checkpointer:
         same_world = train_state.get("world_size") == self.world_size
         compression = state.pop("compression", None)
         if compression is not None and same_world:
-            # This rank's saved tensors, shaped as the checkpoint recorded them.
-            prefix = f"compression.rank{self.rank}."
-            metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-            saved = {
-                key[len(prefix) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
-                for key, entry in metadata.items()
-                if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
-            }
+            saved = self._saved_compression(path, self.rank)
             if saved:
                 state["compression"] = {f"rank{self.rank}": saved}
         dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
@@ -219,13 +212,53 @@ class Checkpointer:
         if self.compressor is not None and "compression" in state:
             self.compressor.load_state_dict(state["compression"][f"rank{self.rank}"])
         elif self.compressor is not None:
-            log.info("compression state starts afresh (the world size changed)")
+            self._load_averaged_compression(path, self.compressor)
         rng_path = os.path.join(path, "rng", f"rank-{self.rank}.json")
         if same_world and os.path.exists(rng_path):
             with open(rng_path, encoding="utf-8") as handle:
                 raw = base64.b64decode(json.load(handle)["torch"])
             torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         return train_state
+
+    def _saved_compression(self, path: str, rank: int) -> dict[str, torch.Tensor]:
+        """Empty tensors for rank ``rank``'s saved compressor state, shaped as recorded."""
+        prefix = f"compression.rank{rank}."
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        return {
+            key[len(prefix) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
+            for key, entry in metadata.items()
+            if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+        }
+
+    def _load_averaged_compression(self, path: str, compressor: Compressor) -> None:
+        """At another world size: the mean state of the saved ranks that held this rank's
+        place (the same pieces of the parameters), read one saved rank at a time so memory
+        stays at two states. Every rank makes the same sequence of (collective) DCP loads."""
+        metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+        saved_ranks = sorted(
+            int(key.split(".")[1][len("rank") :])
+            for key in metadata
+            if key.startswith("compression.rank") and key.endswith(".place")
+        )
+        places = {f"rank{r}": {"place": torch.zeros(4, dtype=torch.int64)} for r in saved_ranks}
+        if places:
+            dcp.load({"compression": places}, checkpoint_id=path, no_dist=not _distributed())
+        average, used = StateAverage(), []
+        for r in saved_ranks:
+            wanted = {}
+            if torch.equal(places[f"rank{r}"]["place"], compressor.place):
+                wanted = self._saved_compression(path, r)
+                used.append(r)
+            dcp.load({"compression": {f"rank{r}": wanted}}, checkpoint_id=path,
+                     no_dist=not _distributed())  # fmt: skip
+            if wanted:
+                average.add(wanted)
+        if used:
+            compressor.load_state_dict(average.result())
+            log.info("compression state: the mean of saved ranks %s (the world size changed)",
+                     used)  # fmt: skip
+        else:
+            log.info("compression state starts afresh: no saved rank held this rank's place")
 
 
 def _write_json(path: str, value: Any) -> None:

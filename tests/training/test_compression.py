@@ -172,3 +172,54 @@ def test_a_resume_restores_the_compression_state_exactly(
     again = {r["step"]: r["loss"] for r in resumed if r["event"] == "step"}
     assert sorted(again) == list(range(11, 21))
     assert again == {step: losses[step] for step in range(11, 21)}  # bit for bit
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_a_resume_at_another_world_size_starts_from_the_mean_residuals(
+    digits_dataset: str, run_trainer: Callable[..., list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """2 ranks save their top-k residuals; a rank of a 4-rank run loads their mean (what
+    the ranks owed the mean update in total is kept), and 4 ranks train on from there."""
+    import shutil
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from trainer.checkpoint import Checkpointer
+    from trainer.compression import TopK, build_compressor
+    from trainer.config import CheckpointConfig
+
+    options = [*DIGITS, f"--data.url={digits_dataset}", "--compression.method=topk",
+               "--checkpoint.interval=10"]  # fmt: skip
+    run_trainer(tmp_path / "two", [*options, "--train.max_steps=10"], nproc=2)
+    checkpoint = tmp_path / "two" / "checkpoints" / "step-00000010"
+
+    compressor = build_compressor(CompressionConfig(method="topk"))
+    assert isinstance(compressor, TopK)
+    checkpointer = Checkpointer(
+        CheckpointConfig(), str(tmp_path / "scratch"), parts=[], optimizers=[], rank=0,
+        world_size=4, compressor=compressor,
+    )  # fmt: skip
+    checkpointer._load_averaged_compression(str(checkpoint), compressor)
+    saved = []
+    for rank in (0, 1):
+        state = checkpointer._saved_compression(str(checkpoint), rank)
+        dcp.load({"compression": {f"rank{rank}": state}}, checkpoint_id=str(checkpoint),
+                 no_dist=True)  # fmt: skip
+        saved.append(state)
+    assert compressor.steps == 10
+    assert set(compressor.residuals) == {key[len("residual-") :] for key in saved[0]
+                                         if key.startswith("residual-")}  # fmt: skip
+    for name, residual in compressor.residuals.items():
+        mean = (saved[0][f"residual-{name}"] + saved[1][f"residual-{name}"]) / 2
+        assert torch.equal(residual, mean), name
+        assert not torch.equal(saved[0][f"residual-{name}"], saved[1][f"residual-{name}"])
+
+    shutil.copytree(checkpoint, tmp_path / "four" / "checkpoints" / checkpoint.name)
+    records = run_trainer(tmp_path / "four", [*options, "--train.max_steps=14"], nproc=4)
+    assert [r for r in records if r["event"] == "start"][-1]["step"] == 10
+    steps = [r for r in records if r["event"] == "step"]
+    assert [r["step"] for r in steps] == [11, 12, 13, 14]
+    assert all(r["compression_ratio"] > 10 for r in steps)

@@ -24,33 +24,57 @@ Where it applies:
 
 The first ``warmup_steps`` steps go dense (2, or PowerSGD's start step). Residuals and
 PowerSGD's Q are kept per parameter name (a shard's, under HSDP), so bucket layouts do not
-matter; ``state_dict()`` holds this rank's state for the checkpoint, restored when the world
-size is unchanged (a residual belongs to one rank's share of the data; another world size
-starts afresh).
+matter; ``state_dict()`` holds this rank's state for the checkpoint, restored as it was when
+the world size is unchanged; at another world size each rank starts from the mean state of
+the saved ranks that held the same pieces of the parameters (``StateAverage``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from trainer.compression.base import Cast, Compressor, ErrorFeedback, Segment, tile
+from trainer.compression.base import (
+    Cast,
+    Compressor,
+    ErrorFeedback,
+    Segment,
+    StateAverage,
+    tile,
+)
 from trainer.compression.powersgd import PowerSGD
 from trainer.compression.sparse import Sign, TopK
 from trainer.config import CompressionConfig
 
-__all__ = ["Cast", "Compressor", "ErrorFeedback", "PowerSGD", "Segment", "Sign", "TopK",
-           "build_compressor", "tile"]  # fmt: skip
+__all__ = [
+    "Cast",
+    "Compressor",
+    "ErrorFeedback",
+    "PowerSGD",
+    "Segment",
+    "Sign",
+    "StateAverage",
+    "TopK",
+    "build_compressor",
+    "tile",
+]  # fmt: skip
 
 
-def build_compressor(config: CompressionConfig) -> Compressor | None:
-    """The configured compressor, or None for plain all-reduce."""
+def build_compressor(
+    config: CompressionConfig, *, place: tuple[int, int, int, int] = (0, 1, 0, 1)
+) -> Compressor | None:
+    """The configured compressor, or None for plain all-reduce. ``place``: this rank's
+    (dp_shard coordinate, dp_shard, tp coordinate, tp), see ``Compressor.place``."""
+    compressor: Compressor
     if config.method == "none":
         return None
     if config.method in ("fp16", "bf16"):
-        return Cast(torch.float16 if config.method == "fp16" else torch.bfloat16)
-    if config.method == "powersgd":
-        return PowerSGD(rank=config.powersgd_rank, start_step=config.powersgd_start_step,
-                        warm_start=config.powersgd_warm_start)  # fmt: skip
-    if config.method == "topk":
-        return TopK(config.topk_ratio)
-    return Sign()
+        compressor = Cast(torch.float16 if config.method == "fp16" else torch.bfloat16)
+    elif config.method == "powersgd":
+        compressor = PowerSGD(rank=config.powersgd_rank, start_step=config.powersgd_start_step,
+                              warm_start=config.powersgd_warm_start)  # fmt: skip
+    elif config.method == "topk":
+        compressor = TopK(config.topk_ratio)
+    else:
+        compressor = Sign()
+    compressor.place = torch.tensor(place)
+    return compressor

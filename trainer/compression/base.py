@@ -72,6 +72,10 @@ class Compressor:
         self._seconds = 0.0
         self._lock = threading.Lock()
         self.names: dict[int, str] = {}
+        self.place = torch.tensor([0, 1, 0, 1])
+        """(dp_shard coordinate, dp_shard, tp coordinate, tp): ranks with the same place hold
+        the same pieces of the parameters, so their states can stand in for each other when a
+        checkpoint is resumed at another world size (``StateAverage``)."""
 
     # -- bookkeeping -------------------------------------------------------------------
     def count(self, sent: int, dense: int) -> None:
@@ -101,7 +105,7 @@ class Compressor:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """This rank's state (error feedback differs per rank), as tensors for DCP."""
-        return {"steps": torch.tensor(self.steps)}
+        return {"steps": torch.tensor(self.steps), "place": self.place.clone()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.steps = int(state["steps"])
@@ -236,3 +240,30 @@ class ErrorFeedback(Compressor):
 def with_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {key[len(prefix) :]: tensor.clone()
             for key, tensor in state.items() if key.startswith(prefix)}  # fmt: skip
+
+
+class StateAverage:
+    """One rank's state from the saved states of the ranks that held its place, when the
+    world size changed: floating-point entries averaged over the states that have them,
+    counters taken from the first. States are added one at a time (``add``).
+
+    A residual is what one rank still owes the mean update, (1/W)·Σ e_w over W ranks; every
+    new rank of that place starting from the mean residual owes the same in total, at any
+    new world size. PowerSGD's Q is the same on all of them already.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, state: dict[str, torch.Tensor]) -> None:
+        for key, tensor in state.items():
+            if key not in self.sums:
+                self.sums[key], self.counts[key] = tensor.clone(), 1
+            elif tensor.is_floating_point() and tensor.shape == self.sums[key].shape:
+                self.sums[key] += tensor
+                self.counts[key] += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        return {key: tensor / self.counts[key] if tensor.is_floating_point() else tensor
+                for key, tensor in self.sums.items()}  # fmt: skip

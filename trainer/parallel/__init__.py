@@ -107,7 +107,9 @@ def parallelize(
                 f"(dp_replicate > 1 and dp_shard > 1, without pipeline stages); this layout "
                 f"runs {strategy!r} with pp = {layout.pp}"
             )
-        compressor = build_compressor(compression)
+        where = layout.coordinates
+        place = (where["dp_shard"], layout.dp_shard, where["tp"], layout.tp)
+        compressor = build_compressor(compression, place=place)
     if strategy in ("replicate", "fsdp", "hsdp"):
         hook = None
         if compressor is None:

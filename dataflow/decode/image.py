@@ -29,7 +29,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from dataflow.formats.codec import decode_image, is_jpeg
+from dataflow.formats.codec import check_pixels, decode_image, is_jpeg
 
 _roijpeg: Any
 try:  # the optional C extension (setup.py): decode only the crop
@@ -73,6 +73,7 @@ def jpeg_size(data: bytes | memoryview) -> tuple[int, int]:
     import simplejpeg
 
     height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    check_pixels(int(height), int(width))
     return int(height), int(width)
 
 
@@ -91,7 +92,9 @@ def dali_image_size(data: bytes | memoryview) -> tuple[int, int] | None:
     if head.startswith(_PNG_SIGNATURE) and head[12:16] == b"IHDR":
         if b"IEND" not in bytes(data[-12:]):
             raise ValueError("truncated PNG: no IEND chunk")
-        return int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+        height, width = int.from_bytes(head[20:24], "big"), int.from_bytes(head[16:20], "big")
+        check_pixels(height, width)
+        return height, width
     return None
 
 

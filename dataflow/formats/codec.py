@@ -55,6 +55,24 @@ _EXTENSION_KINDS = {
 
 
 NUMPY_LOAD_LOCK = threading.Lock()
+
+MAX_IMAGE_PIXELS = 1 << 26
+"""Images declaring more pixels (67 M: 8,192 × 8,192) are refused before decoding: a few
+hundred bytes of PNG or JPEG header can otherwise ask for gigabytes. Raise it for data that
+really holds larger images."""
+
+
+def check_pixels(height: int, width: int) -> None:
+    """Raise ``ValueError`` for declared dimensions that are empty or over the limit."""
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image declares {width} × {height} pixels")
+    if height * width > MAX_IMAGE_PIXELS:
+        raise ValueError(
+            f"image declares {width} × {height} = {height * width:,} pixels, over the "
+            f"{MAX_IMAGE_PIXELS:,}-pixel limit (dataflow.formats.codec.MAX_IMAGE_PIXELS)"
+        )
+
+
 """Serialises ``np.load``: it parses .npy headers with ``ast.literal_eval``, and CPython
 3.11's AST validator is not thread-safe ("SystemError: AST constructor recursion depth
 mismatch", python/cpython#106905, fixed in later releases); the loader's threads hit it."""
@@ -146,7 +164,10 @@ def decode(kind: str, data: bytes | memoryview, *, allow_pickle: bool = False) -
     if kind == "str":
         return bytes(data).decode("utf-8")
     if kind == "json":
-        return json.loads(bytes(data).decode("utf-8"))
+        try:
+            return json.loads(bytes(data).decode("utf-8"))
+        except RecursionError:
+            raise ValueError("JSON nested too deeply to decode") from None
     if kind in ("tokens", "npy"):
         with NUMPY_LOAD_LOCK:
             return np.load(io.BytesIO(bytes(data)), allow_pickle=False)
@@ -179,6 +200,8 @@ def decode_image(
         import simplejpeg
 
         try:
+            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            check_pixels(int(height), int(width))
             if min_size is not None:
                 return simplejpeg.decode_jpeg(
                     data, colorspace="RGB", min_height=min_size[0], min_width=min_size[1],
@@ -191,9 +214,11 @@ def decode_image(
 
     try:
         with Image.open(io.BytesIO(bytes(data))) as image:
+            check_pixels(image.height, image.width)
             image.load()
             return np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
+            Image.DecompressionBombError) as error:  # fmt: skip
         raise ValueError(f"undecodable image: {error}") from None
 
 

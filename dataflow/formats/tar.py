@@ -69,6 +69,11 @@ def check_member_name(name: str, *, shard: str | None = None, offset: int | None
             f"unsafe member name {name!r}", shard=shard, offset=offset,
             hint="member names must be relative and must not contain '..'",
         )  # fmt: skip
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadShardError(f"member name {name!r} is not UTF-8", shard=shard,
+                            offset=offset) from None  # fmt: skip
 
 
 def check_key(key: str) -> None:

@@ -182,3 +182,24 @@ def test_kind_for_extension(extension: str, kind: str) -> None:
 )
 def test_kind_for_value(value: Any, kind: str) -> None:
     assert codec.kind_for_value(value) == kind
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(jpeg: bytes) -> None:
+    """A few hundred bytes of header must not allocate gigabytes (found by the shard fuzzer:
+    a 30,000 × 30,000 PNG hit PIL's bomb error, a 65,500² JPEG took 12 GB and 30 s)."""
+    from support.fuzz import _jpeg_with_size, _png_bomb
+
+    over_ours = (_png_bomb(10_000, 10_000), _jpeg_with_size(jpeg, 65_500, 65_500))
+    over_pils = (_png_bomb(30_000, 30_000), _png_bomb(2**31 - 1, 1))
+    for data in (*over_ours, *over_pils, _jpeg_with_size(jpeg, 0, 64)):
+        for decode in (codec.decode_image, codec.check_image):
+            with pytest.raises(ValueError) as caught:
+                decode(data)
+            if data in over_ours:
+                assert "over the 67,108,864-pixel limit" in str(caught.value)
+
+
+def test_json_nested_too_deeply_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="nested too deeply"):
+        codec.decode("json", b"[" * 200_000)

@@ -314,6 +314,19 @@ def test_unsafe_names_refused(name: str) -> None:
     assert caught.value.shard == "hostile.tar"
 
 
+def test_a_name_that_is_not_utf8_is_refused() -> None:
+    """Found by the shard fuzzer: such a name became a key that could not be written into
+    the sample table (UnicodeEncodeError) when the tar was indexed in place."""
+    data = bytearray(build_tar([member("ok.txt", b"fine"), member("bad.txt", b"evil")]))
+    at = header_offsets(bytes(data))[1]
+    data[at : at + 3] = b"b\xd3d"
+    data[at + 148 : at + 156] = b" " * 8
+    data[at + 148 : at + 156] = b"%06o\0 " % sum(data[at : at + 512])
+    with pytest.raises(BadShardError, match="not UTF-8") as caught:
+        scan(bytes(data))
+    assert caught.value.offset == at
+
+
 @pytest.mark.parametrize(
     ("type", "what"),
     [

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import random
 import shutil
@@ -42,11 +43,14 @@ from dataflow.storage.retry import (
     StorageError,
     backoff_delay,
     error_code,
+    is_broken_body,
     is_transient,
     permanent_reason,
     redact,
     request_attempts,
 )
+
+log = logging.getLogger(__name__)
 
 _DEFAULT_CONFIG = StorageConfig()
 _FILESYSTEMS: dict[tuple[Any, ...], fsspec.AbstractFileSystem] = {}
@@ -165,6 +169,12 @@ def _fail(
     )
 
 
+def _log_retry(url: str, error: BaseException, attempts: int, config: StorageConfig) -> None:
+    what = redact(f"{type(error).__name__}: {error}")
+    log.debug("%s: %s after attempt %d of %d; retrying", redact(url), what, attempts,
+              config.max_attempts)  # fmt: skip
+
+
 async def _s3_read_piece(
     fs: Any, url: str, start: int, end: int | None, config: StorageConfig, etag: list[str]
 ) -> bytes:
@@ -185,10 +195,18 @@ async def _s3_read_piece(
         attempts += 1
         try:
             response = await fs._call_s3("get_object", **request)
-        except Exception as error:  # botocore already retried request-level faults
+        except Exception as error:
             if total is None and error_code(error) in ("InvalidRange", "416"):
                 break  # "bytes=<start>-" at or past the end: nothing to read, as for files
-            raise _fail(url, error, attempts - 1 + request_attempts(error), (start, end)) from error
+            attempts += request_attempts(error) - 1
+            # botocore retried the request-level faults it knows. One it lets through — a
+            # reset while it reads an error response's body, aiohttp's payload error — is
+            # retried here, within the same budget.
+            if not is_broken_body(error) or attempts >= config.max_attempts:
+                raise _fail(url, error, attempts, (start, end)) from error
+            _log_retry(url, error, attempts, config)
+            await asyncio.sleep(backoff_delay(attempts, config))
+            continue
         if not etag and response.get("ETag"):
             etag.append(response["ETag"])
         object_size = _object_size(response.get("ContentRange"))
@@ -208,6 +226,7 @@ async def _s3_read_piece(
         except Exception as error:
             if not is_transient(error) or attempts >= config.max_attempts:
                 raise _fail(url, error, attempts, (start, end)) from error
+            _log_retry(url, error, attempts, config)
             await asyncio.sleep(backoff_delay(attempts, config))
             continue
         finally:
@@ -345,6 +364,7 @@ def _generic_read_range(
         except Exception as error:
             if not is_transient(error) or attempts >= config.max_attempts:
                 raise _fail(url, error, attempts, (start, end)) from error
+            _log_retry(url, error, attempts, config)
             threading.Event().wait(backoff_delay(attempts, config))
 
 

@@ -145,6 +145,21 @@ def request_attempts(error: BaseException) -> int:
     return 1
 
 
+# A body that broke off while botocore read it (an error response's XML): botocore's retry
+# handler does not cover these aiohttp errors, so the caller must.
+_BODY_CLASS_NAMES = frozenset({"ClientPayloadError", "ContentLengthError", "TransferEncodingError"})
+
+
+def is_broken_body(error: BaseException) -> bool:
+    """True when ``error`` (or its cause) is a response body that broke off."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if any(klass.__name__ in _BODY_CLASS_NAMES for klass in type(seen).__mro__):
+            return True
+        seen = seen.__cause__ if seen.__cause__ is not seen else None
+    return False
+
+
 def is_transient(error: BaseException) -> bool:
     """True for faults worth another attempt: resets, timeouts, 5xx, SlowDown."""
     if isinstance(error, FileNotFoundError | PermissionError | IsADirectoryError):
@@ -163,12 +178,13 @@ def is_transient(error: BaseException) -> bool:
 
 def permanent_reason(error: BaseException) -> str:
     """A short human reason for a non-transient error."""
-    if isinstance(error, FileNotFoundError):
-        return "not found"
-    if isinstance(error, PermissionError):
-        return "access denied"
     code = error_code(error)
-    return f"failed ({code})" if code else "failed"
+    status = f" ({code})" if code else ""
+    if isinstance(error, FileNotFoundError):
+        return f"not found{status}"
+    if isinstance(error, PermissionError):
+        return f"access denied{status}"
+    return f"failed{status}"
 
 
 def backoff_delay(attempt: int, config: StorageConfig, rng: random.Random | None = None) -> float:

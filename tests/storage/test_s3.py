@@ -174,6 +174,7 @@ def test_slowdown_and_server_errors_are_retried(s3: S3Bucket, proxy: FaultProxy)
         "reset_mid_body": 0,
         "slowdown_503": 1,
         "error_500": 1,
+        "denied_403": 0,
         "stall": 0,
     }
     assert get_events(proxy) == [("slowdown_503", 503), ("error_500", 500), ("none", 200)]
@@ -235,6 +236,20 @@ def test_missing_key_is_a_quick_not_found_error(s3: S3Bucket, proxy: FaultProxy)
 
     with pytest.raises(StorageError, match="not found"):
         size(url, config=s3.config)
+
+
+def test_a_reset_inside_an_error_response_is_retried(s3: S3Bucket, proxy: FaultProxy) -> None:
+    """botocore does not retry a reset while it reads an error body (aiohttp's payload error):
+    found when a deleted shard's 404 met a reset and the read gave up "on transient faults
+    after 1 attempt". It is retried now, and the answer is the 404's."""
+    url = f"{s3.url}/gone.bin"
+    proxy.set_schedule(FaultSchedule(script=("reset_mid_body", "reset_mid_body")))
+    with pytest.raises(StorageError) as caught:
+        read_bytes(url, config=through(proxy, s3.config))
+    message = str(caught.value)
+    assert "not found (NoSuchKey)" in message and "after 3 attempts" in message, message
+    assert get_events(proxy) == [("reset_mid_body", None), ("reset_mid_body", None),
+                                 ("none", 404)]  # fmt: skip
 
 
 def test_persistent_body_resets_give_up_after_max_attempts(s3: S3Bucket, proxy: FaultProxy) -> None:

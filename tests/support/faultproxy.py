@@ -10,8 +10,9 @@ What it does
     * ``reset_mid_body``: relay the status line, the headers and about half of the body,
       then abort the TCP connection with an RST (``SO_LINGER`` 1/0). A response without a
       body is aborted before anything is sent.
-    * ``slowdown_503`` / ``error_500``: answer ``503 SlowDown`` / ``500 InternalError``
-      with an S3 XML error body without contacting upstream; the connection stays usable.
+    * ``slowdown_503`` / ``error_500`` / ``denied_403``: answer ``503 SlowDown`` / ``500
+      InternalError`` / ``403 AccessDenied`` with an S3 XML error body without contacting
+      upstream; the connection stays usable.
     * ``stall``: read the request, send nothing for ``stall_seconds`` (so the client's read
       timeout fires), then close the connection.
 
@@ -78,7 +79,9 @@ __all__ = [
     "s3_error_body",
 ]
 
-FAULT_KINDS: tuple[str, ...] = ("reset_mid_body", "slowdown_503", "error_500", "stall")
+FAULT_KINDS: tuple[str, ...] = (
+    "reset_mid_body", "slowdown_503", "error_500", "denied_403", "stall",
+)  # fmt: skip
 """Fault names, in the order their probabilities are stacked for the random draw."""
 
 _SCRIPT_NAMES = frozenset((*FAULT_KINDS, "none"))
@@ -105,6 +108,7 @@ _ERRORS: dict[str, tuple[int, str, str, str]] = {
         "InternalError",
         "We encountered an internal error. Please try again.",
     ),
+    "denied_403": (403, "Forbidden", "AccessDenied", "Access Denied"),
 }
 
 
@@ -129,6 +133,7 @@ class FaultSchedule:
     reset_mid_body: float = 0.0
     slowdown_503: float = 0.0
     error_500: float = 0.0
+    denied_403: float = 0.0
     stall: float = 0.0
     stall_seconds: float = 5.0
     methods: frozenset[str] = frozenset({"GET"})

@@ -3,9 +3,12 @@ plots."""
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from importlib import metadata
@@ -179,3 +182,20 @@ def dali_own_rate(
         for _ in range(steps):
             built.run()
         return steps * batch / (time.perf_counter() - started)
+
+
+def write_report(out: str, name: str, method: str | None, fields: dict[str, Any]) -> str:
+    """Write ``<out>/<name>.json``: the date, the machine, the command line that ran, the
+    tool's description and ``fields``; returns its path."""
+    os.makedirs(out, exist_ok=True)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "machine": machine(sorted(os.sched_getaffinity(0))),
+        "command": " ".join(["python", f"tools/{os.path.basename(sys.argv[0])}", *sys.argv[1:]]),
+        "method": method,
+        **fields,
+    }
+    path = os.path.join(out, f"{name}.json")
+    with open(path, "w") as handle:
+        json.dump(report, handle, indent=1)
+    return path

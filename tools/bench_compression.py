@@ -35,7 +35,6 @@ there is no slow link to save.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -47,7 +46,7 @@ from typing import Any
 
 import _cli
 import numpy as np
-from _bench import machine
+from _bench import write_report
 
 from dataflow.convert.config import ConvertConfig
 from dataflow.convert.job import convert
@@ -200,16 +199,7 @@ def main() -> int:
             print(f"  {name:<10}{method:<10}{sent_text}{run.get('ratio', 1.0):>7.1f}×"
                   f"{1000 * run['median_step_s']:>9.1f}{run['step_time_ratio']:>8.2f}×"
                   f"{run['loss_gap']:>+10.4f}")  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "machine": machine(sorted(os.sched_getaffinity(0))),
-        "command": " ".join(["python", "tools/bench_compression.py", *sys.argv[1:]]),
-        "method": __doc__,
-        "results": results,
-    }
-    with open(os.path.join(args.out, "bench_compression.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_report(args.out, "bench_compression", __doc__, {"results": results})
     plot(results, os.path.join(args.out, "bench_compression.png"))
     print(f"wrote {args.out}/bench_compression.json and {args.out}/bench_compression.png")
     return 0

@@ -25,7 +25,6 @@ LAMB 0.036 / 99.2 %; large AdamW 0.048 / 98.6 % (held-out loss / accuracy).
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import shutil
@@ -35,7 +34,7 @@ import tempfile
 from typing import Any
 
 import _cli
-from _bench import machine
+from _bench import write_report
 
 from dataflow.convert.config import ConvertConfig
 from dataflow.convert.job import convert
@@ -152,18 +151,8 @@ def main() -> int:
         result["accuracy_gap"] = accuracy - small["held_out_accuracy"][-1]
         print(f"  {name:<12}{result['steps']:>7}{loss:>9.4f}{accuracy:>10.2%}"
               f"{result['loss_gap']:>+10.4f}{result['accuracy_gap']:>+9.2%}")  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "machine": machine(sorted(os.sched_getaffinity(0))),
-        "command": " ".join(["python", "tools/bench_large_batch.py", *sys.argv[1:]]),
-        "method": __doc__,
-        "epochs": args.epochs,
-        "factor": args.factor,
-        "results": results,
-    }
-    with open(os.path.join(args.out, "bench_large_batch.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
+    fields = {"epochs": args.epochs, "factor": args.factor, "results": results}
+    write_report(args.out, "bench_large_batch", __doc__, fields)
     title = (f"digits, {args.epochs} epochs: batch {SMALL_BATCH} vs {SMALL_BATCH * args.factor} "
              "(LAMB / AdamW, √ scaling + warm-up)")  # fmt: skip
     plot(results, os.path.join(args.out, "bench_large_batch.png"), title)

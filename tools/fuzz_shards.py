@@ -19,14 +19,13 @@ Parquet shard. Prints a table per mutation and the peak RSS; writes
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import sys
 import tempfile
 
 import _cli
-from _bench import machine
+from _bench import write_report
 from tqdm import tqdm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -90,19 +89,13 @@ def main() -> int:
     print(f"\n{len(summary.outcomes)} cases, {len(summary.findings)} findings; slowest case "
           f"{slowest.seconds:.2f} s ({slowest.kind}:{slowest.mutation}); peak RSS "
           f"{summary.peak_rss_mb:.0f} MB (from {summary.start_rss_mb:.0f} MB)")  # fmt: skip
-    os.makedirs(args.out, exist_ok=True)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "machine": machine(sorted(os.sched_getaffinity(0))),
-        "command": " ".join(["python", "tools/fuzz_shards.py", *sys.argv[1:]]),
+    write_report(args.out, "fuzz_shards", __doc__, {
         "seed": args.seed,
         "peak_rss_mb": summary.peak_rss_mb,
         "start_rss_mb": summary.start_rss_mb,
         "table": {name: dict(counts) for name, counts in sorted(table.items())},
         "findings": [vars(o) for o in summary.findings],
-    }
-    with open(os.path.join(args.out, "fuzz_shards.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
+    })  # fmt: skip
     print(f"wrote {args.out}/fuzz_shards.json")
     return 1 if summary.findings else 0
 

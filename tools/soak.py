@@ -15,17 +15,14 @@ stay); after ``close()``, the same again. Writes ``<out>/soak.json`` and ``<out>
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import sys
 import tempfile
 import threading
 import time
 from typing import Any
 
 import _cli
-from _bench import machine
+from _bench import write_report
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -153,16 +150,7 @@ def main() -> int:
         f"{a['threads']} threads, {a['temporaries']} temporaries; cache cap "
         f"{result['cache_cap_bytes'] / 1e6:.2f} MB of {result['dataset_bytes'] / 1e6:.2f} MB"
     )
-    os.makedirs(args.out, exist_ok=True)
-    report = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-        "machine": machine(sorted(os.sched_getaffinity(0))),
-        "command": " ".join(["python", "tools/soak.py", *sys.argv[1:]]),
-        "method": __doc__,
-        **result,
-    }
-    with open(os.path.join(args.out, "soak.json"), "w") as handle:
-        json.dump(report, handle, indent=1)
+    write_report(args.out, "soak", __doc__, result)
     plot(result, os.path.join(args.out, "soak.png"))
     print(f"wrote {args.out}/soak.json and {args.out}/soak.png")
     return 0

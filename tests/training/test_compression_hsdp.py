@@ -58,15 +58,25 @@ def shard_entries() -> int:
     return sum(-(-p.shape[0] // 2) * (p.numel() // p.shape[0]) for p in model.parameters())
 
 
-@pytest.fixture(scope="module")
-def native(token_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
-    out_dir = tmp_path_factory.mktemp("native-hsdp")
-    command = trainer_command(4, [f"--train.out_dir={out_dir}", *TOKENS, "--train.max_steps=6",
-                                  f"--data.url={token_dataset}"])  # fmt: skip
+def launch(out_dir: Path, overrides: list[str]) -> list[dict[str, Any]]:
+    """A 4-rank run for module-scoped fixtures (which cannot use ``run_trainer``)."""
+    command = trainer_command(4, [f"--train.out_dir={out_dir}", *overrides])
     done = subprocess.run(command, cwd=ROOT, env=trainer_env(), capture_output=True, text=True,
                           timeout=TRAINER_TIMEOUT_S)  # fmt: skip
     assert done.returncode == 0, done.stderr[-6000:]
     return read_metrics(out_dir)
+
+
+@pytest.fixture(scope="module")
+def native(token_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    return launch(tmp_path_factory.mktemp("native-hsdp"),
+                  [*TOKENS, "--train.max_steps=6", f"--data.url={token_dataset}"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def native_digits(digits_dataset: str, tmp_path_factory: pytest.TempPathFactory) -> list[Any]:
+    return steps(launch(tmp_path_factory.mktemp("native-digits"),
+                        [*DIGITS, f"--data.url={digits_dataset}", "--train.epochs=3"]))  # fmt: skip
 
 
 @pytest.mark.slow
@@ -99,10 +109,10 @@ LEAST_RATIO = {"powersgd": 1.5, "sign": 25}
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("method", ["powersgd", "sign"])
 def test_hsdp_with_compression_learns_like_native(
-    method: str, digits_dataset: str, run_trainer: Run, tmp_path: Path
+    method: str, digits_dataset: str, native_digits: list[Any], run_trainer: Run, tmp_path: Path
 ) -> None:
     common = [*DIGITS, f"--data.url={digits_dataset}", "--train.epochs=3"]
-    native = steps(run_trainer(tmp_path / "native", common, nproc=4))
+    native = native_digits
     records = steps(run_trainer(tmp_path / method, [*common, f"--compression.method={method}",
                                                    "--compression.powersgd_start_step=5"],
                                 nproc=4))  # fmt: skip

@@ -107,7 +107,9 @@ LEAST_RATIO = {"powersgd": 1.5, "sign": 25}
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("method", ["powersgd", "sign"])
+# Sign trained within +0.16 of native here too (tolerance 0.4); it is left out to keep the
+# suite's time, as the DDP tests run every compressor and the HSDP plumbing is shared.
+@pytest.mark.parametrize("method", ["powersgd"])
 def test_hsdp_with_compression_learns_like_native(
     method: str, digits_dataset: str, native_digits: list[Any], run_trainer: Run, tmp_path: Path
 ) -> None:

@@ -72,6 +72,7 @@ class Compressor:
         self._seconds = 0.0
         self._lock = threading.Lock()
         self.names: dict[int, str] = {}
+        self._bucket_segments: dict[tuple[int, ...], tuple[Segment, ...]] = {}
         self.place = torch.tensor([0, 1, 0, 1])
         """(dp_shard coordinate, dp_shard, tp coordinate, tp): ranks with the same place hold
         the same pieces of the parameters, so their states can stand in for each other when a
@@ -132,10 +133,14 @@ class Compressor:
     # -- where gradients come from -----------------------------------------------------
     def hook(self, group: dist.ProcessGroup, bucket: dist.GradBucket) -> Future[torch.Tensor]:
         """DDP comm hook: one bucket. Its gradients are views laid end to end in the buffer."""
-        params, grads = bucket.parameters(), bucket.gradients()
-        shapes = [(self.names.get(id(param), f"#{id(param)}"), tuple(grad.shape))
-                  for param, grad in zip(params, grads, strict=True)]  # fmt: skip
-        return self.average(group, bucket.buffer(), tile(shapes))
+        params = bucket.parameters()
+        layout = tuple(map(id, params))  # DDP re-lays its buckets once, after the first step
+        segments = self._bucket_segments.get(layout)
+        if segments is None:
+            shapes = [(self.names.get(id(param), f"#{id(param)}"), tuple(param.shape))
+                      for param in params]  # fmt: skip
+            segments = self._bucket_segments[layout] = tile(shapes)
+        return self.average(group, bucket.buffer(), segments)
 
     def fsdp_hook(
         self, group: dist.ProcessGroup, module: nn.Module
@@ -148,6 +153,7 @@ class Compressor:
         is left out, and a rank whose shard of a parameter is empty sends nothing for it.
         """
         layout: list[tuple[Segment, int]] = []  # (segment in the packed tensor, flat offset)
+        segments: list[tuple[Segment, ...]] = []  # the packed layout, once learned
 
         def learn_layout() -> None:
             state = module._get_fsdp_state()  # type: ignore[operator]
@@ -165,10 +171,10 @@ class Compressor:
             started = time.perf_counter()
             if not layout:
                 learn_layout()
-            segments = tuple(segment for segment, _ in layout)
+                segments.append(tuple(segment for segment, _ in layout))
             packed = torch.cat([reduce_output[offset : offset + segment.numel]
                                 for segment, offset in layout])  # fmt: skip
-            averaged = self.average(group, packed, segments).wait()
+            averaged = self.average(group, packed, segments[0]).wait()
             for segment, offset in layout:
                 reduce_output[offset : offset + segment.numel].copy_(
                     averaged[segment.offset : segment.end]

@@ -45,11 +45,16 @@ class TrainConfig:
     """Held-out split (a dataset root); evaluated after each epoch. Empty: no evaluation."""
     progress: bool = True
     """Show a progress line on rank 0."""
+    collective_timeout_s: float = 600.0
+    """How long a rank waits in one collective before failing: a rank that died or hangs then
+    ends the job with an error instead of a hang (torch's gloo default, 10 minutes)."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.collective_timeout_s <= 0:
+            raise ValueError(f"collective_timeout_s must be > 0, got {self.collective_timeout_s}")
         if self.max_steps < 0:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.grad_clip < 0:

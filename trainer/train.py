@@ -56,12 +56,12 @@ def _device(config: Config) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def _setup_process_group(device: torch.device) -> tuple[int, int]:
+def _setup_process_group(device: torch.device, timeout_s: float) -> tuple[int, int]:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return rank, world_size
 
 
@@ -87,7 +87,7 @@ def _merged_loader_state(loader: Loader, world_size: int) -> dict[str, Any]:
 def train(config: Config) -> dict[str, Any]:
     """Run the configured training; returns the end-of-run summary (the same on all ranks)."""
     device = _device(config)
-    rank, world_size = _setup_process_group(device)
+    rank, world_size = _setup_process_group(device, config.train.collective_timeout_s)
     _determinism(config, device)
     layout = build_layout(config.parallel, rank=rank, world_size=world_size,
                           device_type=device.type)  # fmt: skip
@@ -220,6 +220,15 @@ def train(config: Config) -> dict[str, Any]:
         if not config.checkpoint.interval or step % config.checkpoint.interval:
             save()
         checkpointer.wait()
+    except (RuntimeError, dist.DistError) as error:
+        if world_size > 1:
+            # Typically a collective that another rank never joined (it died or hangs): say
+            # where this rank was and how long it waited; the traceback follows.
+            first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            log.error("rank %d failed at step %d: %s: %s (ranks wait for each other at most "
+                      "train.collective_timeout_s = %g s)", rank, step + 1, type(error).__name__,
+                      first[-300:], config.train.collective_timeout_s)  # fmt: skip
+        raise
     finally:
         loader.close()
     summary = {

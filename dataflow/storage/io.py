@@ -581,14 +581,26 @@ def open_write(
 
 
 def make_bucket(url: str, *, config: StorageConfig | None = None) -> None:
-    """Create the bucket of an s3:// URL if it does not exist (demo and tests)."""
+    """Create the bucket of an s3:// URL if it does not exist.
+
+    Credentials that may only write objects (no bucket permissions: least privilege) get a
+    403 on the bucket itself; the bucket is then taken to exist, and the writes that follow
+    say whether they are allowed.
+    """
     if protocol_of(url) != "s3":
         os.makedirs(local_path(url), exist_ok=True)
         return
     fs = filesystem(url, config)
     bucket = _object_path(url).split("/", 1)[0]
-    if fs.exists(bucket):
+    try:
+        fs.call_s3("head_bucket", Bucket=bucket)
         return
+    except FileNotFoundError:
+        pass  # create it below
+    except PermissionError:
+        return
+    except Exception as error:
+        raise _fail(url, error, 1, None) from error
     region = fs.client_kwargs.get("region_name", "us-east-1")
     request: dict[str, Any] = {"Bucket": bucket}
     if region != "us-east-1":  # us-east-1 is the one region S3 refuses as a constraint

@@ -9,9 +9,12 @@ A checkpoint is a directory ``{dir}/step-NNNNNNNN/`` holding
 - ``train_state.json``: step, loader position (epoch, batches delivered, skipped samples
   of every rank), the config and layout it was written by;
 - ``rng/rank-R.json``: each rank's torch RNG state (restored when the world size is the same);
-- with ``[compression]``, each rank's compressor state (error-feedback residuals and
-  PowerSGD's Q per parameter, step counts) inside DCP under ``compression.rankR.*`` —
-  restored when the world size is the same, as the RNG is.
+- state that differs from rank to rank, inside DCP under ``<name>.rankR.*``: with
+  ``[compression]`` the compressor's (error-feedback residuals and PowerSGD's Q per
+  parameter, step counts) under ``compression``; with gossip or local SGD each rank's own
+  parameters and optimizer tensors under ``decentral``. Restored as saved when the world
+  size is the same, as the RNG is; at another, each rank takes the mean state of the saved
+  ranks that held its place (``StateAverage``).
 
 Everything outside DCP is JSON: nothing is unpickled on resume.
 
@@ -37,7 +40,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -52,10 +55,22 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from trainer.compression import Compressor, StateAverage
+from trainer.compression import StateAverage
 from trainer.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
+
+
+class RankState(Protocol):
+    """State that differs from rank to rank, saved per rank (see the module note)."""
+
+    place: torch.Tensor
+    """Ranks with equal places can stand in for each other at another world size."""
+
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
 
 _NAME = re.compile(r"^step-(\d{8})$")
 _PARTIAL = ".partial"
@@ -96,10 +111,11 @@ class Checkpointer:
         optimizers: list[torch.optim.Optimizer],
         rank: int,
         world_size: int,
-        compressor: Compressor | None = None,
+        rank_states: dict[str, RankState] | None = None,
     ) -> None:
         self.config = config
-        self.compressor = compressor
+        self.rank_states = rank_states or {}
+        """name → an object whose state differs per rank (compressor, decentralized sync)."""
         self.directory = directory
         self.parts = parts
         self.optimizers = optimizers
@@ -129,8 +145,8 @@ class Checkpointer:
             model.update(get_model_state_dict(part, options=_OPTIONS))
             optim.update(get_optimizer_state_dict(part, optimizer, options=_OPTIONS))
         state: dict[str, Any] = {"model": model, "optim": optim}
-        if self.compressor is not None:
-            state["compression"] = {f"rank{self.rank}": self.compressor.state_dict()}
+        for name, holder in self.rank_states.items():
+            state[name] = {f"rank{self.rank}": holder.state_dict()}
         return state
 
     def latest(self) -> str | None:
@@ -200,19 +216,20 @@ class Checkpointer:
             train_state: dict[str, Any] = json.load(handle)
         state = self._state()
         same_world = train_state.get("world_size") == self.world_size
-        compression = state.pop("compression", None)
-        if compression is not None and same_world:
-            saved = self._saved_compression(path, self.rank)
+        for name in self.rank_states:
+            del state[name]
+            saved = self._saved(path, name, self.rank) if same_world else {}
             if saved:
-                state["compression"] = {f"rank{self.rank}": saved}
+                state[name] = {f"rank{self.rank}": saved}
         dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
         for part, optimizer in zip(self.parts, self.optimizers, strict=True):
             set_model_state_dict(part, state["model"], options=_OPTIONS)
             set_optimizer_state_dict(part, optimizer, state["optim"], options=_OPTIONS)
-        if self.compressor is not None and "compression" in state:
-            self.compressor.load_state_dict(state["compression"][f"rank{self.rank}"])
-        elif self.compressor is not None:
-            self._load_averaged_compression(path, self.compressor)
+        for name, holder in self.rank_states.items():
+            if name in state:
+                holder.load_state_dict(state[name][f"rank{self.rank}"])
+            else:
+                self._load_averaged(path, name, holder)
         rng_path = os.path.join(path, "rng", f"rank-{self.rank}.json")
         if same_world and os.path.exists(rng_path):
             with open(rng_path, encoding="utf-8") as handle:
@@ -220,9 +237,9 @@ class Checkpointer:
             torch.set_rng_state(torch.frombuffer(bytearray(raw), dtype=torch.uint8))
         return train_state
 
-    def _saved_compression(self, path: str, rank: int) -> dict[str, torch.Tensor]:
-        """Empty tensors for rank ``rank``'s saved compressor state, shaped as recorded."""
-        prefix = f"compression.rank{rank}."
+    def _saved(self, path: str, name: str, rank: int) -> dict[str, torch.Tensor]:
+        """Empty tensors for rank ``rank``'s saved ``name`` state, shaped as recorded."""
+        prefix = f"{name}.rank{rank}."
         metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
         return {
             key[len(prefix) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
@@ -230,7 +247,7 @@ class Checkpointer:
             if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
         }
 
-    def _load_averaged_compression(self, path: str, compressor: Compressor) -> None:
+    def _load_averaged(self, path: str, name: str, holder: RankState) -> None:
         """At another world size: the mean state of the saved ranks that held this rank's
         place (the same pieces of the parameters), read one saved rank at a time so memory
         stays at two states. Every rank makes the same sequence of (collective) DCP loads."""
@@ -238,27 +255,27 @@ class Checkpointer:
         saved_ranks = sorted(
             int(key.split(".")[1][len("rank") :])
             for key in metadata
-            if key.startswith("compression.rank") and key.endswith(".place")
+            if key.startswith(f"{name}.rank") and key.endswith(".place")
         )
         places = {f"rank{r}": {"place": torch.zeros(4, dtype=torch.int64)} for r in saved_ranks}
         if places:
-            dcp.load({"compression": places}, checkpoint_id=path, no_dist=not _distributed())
+            dcp.load({name: places}, checkpoint_id=path, no_dist=not _distributed())
         average, used = StateAverage(), []
         for r in saved_ranks:
             wanted = {}
-            if torch.equal(places[f"rank{r}"]["place"], compressor.place):
-                wanted = self._saved_compression(path, r)
+            if torch.equal(places[f"rank{r}"]["place"], holder.place):
+                wanted = self._saved(path, name, r)
                 used.append(r)
-            dcp.load({"compression": {f"rank{r}": wanted}}, checkpoint_id=path,
+            dcp.load({name: {f"rank{r}": wanted}}, checkpoint_id=path,
                      no_dist=not _distributed())  # fmt: skip
             if wanted:
                 average.add(wanted)
         if used:
-            compressor.load_state_dict(average.result())
-            log.info("compression state: the mean of saved ranks %s (the world size changed)",
+            holder.load_state_dict(average.result())
+            log.info("%s state: the mean of saved ranks %s (the world size changed)", name,
                      used)  # fmt: skip
         else:
-            log.info("compression state starts afresh: no saved rank held this rank's place")
+            log.info("%s state starts afresh: no saved rank held this rank's place", name)
 
 
 def _write_json(path: str, value: Any) -> None:

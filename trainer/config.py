@@ -114,6 +114,32 @@ class ParallelConfig:
     """Stages on each rank with the interleaved schedule (1 for the others)."""
     ddp_bucket_mb: float = 25.0
     """DDP gradient bucket size: all-reduce of a bucket starts while backward goes on."""
+    allreduce: Literal["ring", "flat", "hierarchical"] = "ring"
+    """How DDP averages gradients. ring: the backend's all-reduce of each bucket as backward
+    fills it (gloo/NCCL). flat: one all-reduce of all gradients after backward (fewest
+    latency terms, no overlap). hierarchical: for each bucket, reduce-scatter inside the
+    node, all-reduce of the shards across nodes, all-gather inside the node — the
+    cross-node step carries 1/node_size of the bytes, and is the only one [compression]
+    compresses. `python tools/comm_model.py` prints what each costs."""
+    node_size: int = 0
+    """Ranks per node for allreduce = "hierarchical" (0: torchrun's LOCAL_WORLD_SIZE)."""
+    decentralized: Literal["none", "gossip", "local_sgd"] = "none"
+    """Replace the gradient all-reduce (pure data parallelism only). gossip: after each
+    step, average parameters with neighbours on gossip_graph (D-PSGD; no global
+    collective). local_sgd: every local_steps steps, average parameters over all ranks —
+    with outer_lr/outer_momentum, DiLoCo's outer Nesterov step."""
+    gossip_graph: Literal["ring", "exponential"] = "ring"
+    """ring: both ring neighbours every step; exponential: one peer, rank + 2^k at step k."""
+    local_steps: int = 8
+    """local_sgd: optimizer steps between parameter averages."""
+    outer_lr: float = 1.0
+    """local_sgd: outer learning rate on the averaged change (1 with momentum 0: plain
+    local SGD; DiLoCo uses 0.7 with momentum 0.9)."""
+    outer_momentum: float = 0.0
+    """local_sgd: Nesterov momentum of the outer step."""
+    consensus_every: int = 10
+    """gossip/local_sgd: log the ranks' mean parameter distance from their average every
+    this many steps (one all-reduce; 0: never)."""
     fsdp_reshard_after_forward: bool = True
     """FSDP: free gathered parameters after forward (memory ↓, one more all-gather)."""
 
@@ -125,6 +151,20 @@ class ParallelConfig:
             raise ValueError(f"parallel.dp_replicate must be >= 1 or -1, got {self.dp_replicate}")
         if self.ddp_bucket_mb <= 0:
             raise ValueError(f"parallel.ddp_bucket_mb must be > 0, got {self.ddp_bucket_mb}")
+        if self.node_size < 0:
+            raise ValueError(f"parallel.node_size must be >= 0, got {self.node_size}")
+        if self.local_steps < 1 or self.consensus_every < 0:
+            raise ValueError("parallel.local_steps must be >= 1 and consensus_every >= 0")
+        if not 0 < self.outer_lr <= 2 or not 0 <= self.outer_momentum < 1:
+            raise ValueError(
+                f"parallel.outer_lr must lie in (0, 2] and outer_momentum in [0, 1), got "
+                f"{self.outer_lr} and {self.outer_momentum}"
+            )
+        if self.decentralized != "none" and self.allreduce != "ring":
+            raise ValueError(
+                f"parallel.decentralized = {self.decentralized!r} sends no gradients: "
+                f"parallel.allreduce = {self.allreduce!r} would have nothing to do"
+            )
 
 
 @dataclass(kw_only=True)

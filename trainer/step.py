@@ -40,6 +40,8 @@ def forward_backward(
         if model.schedule is None:
             loss = loss_fn(model.parts[0](inputs), targets)
             loss.backward()
+            if model.gradient_sync is not None:
+                model.gradient_sync.sync()
             return loss.detach()
         losses: list[torch.Tensor] = []
         if model.first_stage and model.last_stage:

@@ -34,7 +34,8 @@ from dataflow.config import ConfigError, dumps_toml, split_overrides
 from dataflow.errors import DataError
 from dataflow.pipeline import Loader
 from dataflow.storage import StorageError
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, RankState
+from trainer.comm import build_decentralized
 from trainer.config import Config, load
 from trainer.metrics import TrainMetrics
 from trainer.optim import build_optimizer, learning_rate, set_learning_rate
@@ -115,10 +116,16 @@ def train(config: Config) -> dict[str, Any]:
     optimizers = [build_optimizer(config.optim, part.parameters()) for part in model.parts]
     # FSDP casts parameters itself; autocast covers the other layouts.
     precision = autocast(device, bf16 and model.strategy not in ("fsdp", "hsdp", "replicate"))
+    mixer = build_decentralized(config.parallel, model.parts, optimizers, layout)
+    rank_states: dict[str, RankState] = {}
+    if model.compressor is not None:
+        rank_states["compression"] = model.compressor
+    if mixer is not None:
+        rank_states["decentral"] = mixer
     checkpointer = Checkpointer(
         config.checkpoint, config.checkpoint.dir or os.path.join(out_dir, "checkpoints"),
         parts=model.parts, optimizers=optimizers, rank=rank, world_size=world_size,
-        compressor=model.compressor,
+        rank_states=rank_states,
     )  # fmt: skip
     step, resumed_from = 0, ""
     latest = checkpointer.latest() if config.checkpoint.resume == "auto" else None
@@ -155,6 +162,7 @@ def train(config: Config) -> dict[str, Any]:
                       async_save=config.checkpoint.async_save)  # fmt: skip
 
     totals = {"steps": 0, "wait_s": 0.0, "time_s": 0.0, "samples": 0}
+    consensus: float | None = None
     last_eval: dict[str, float] = {}
     last_loss = math.nan
     try:
@@ -182,7 +190,12 @@ def train(config: Config) -> dict[str, Any]:
                     optimizer.zero_grad(set_to_none=True)
                 if model.compressor is not None:
                     model.compressor.step_done()
+                if mixer is not None:
+                    mixer.after_step()
                 step += 1
+                every = config.parallel.consensus_every
+                if mixer is not None and every and step % every == 0:
+                    consensus = mixer.consensus_distance()
                 logged = step % config.train.log_every == 0 or step == total_steps
                 if logged:
                     last_loss = global_mean(layout, model, loss)
@@ -203,8 +216,15 @@ def train(config: Config) -> dict[str, Any]:
                         record["grad_norm"] = grad_norm
                     if model.comm_timer is not None:
                         record["comm_s"] = round(model.comm_timer.take(), 6)
+                    elif model.gradient_sync is not None:
+                        record["comm_s"] = round(model.gradient_sync.take_seconds(), 6)
                     elif model.compressor is not None:
                         record["comm_s"] = round(model.compressor.take_seconds(), 6)
+                    if mixer is not None:
+                        record["comm_s"] = round(mixer.take_seconds(), 6)
+                        record["comm_bytes"] = mixer.take_bytes()
+                        if consensus is not None:
+                            record["consensus"], consensus = consensus, None
                     if model.compressor is not None:
                         sent, dense = model.compressor.take_bytes()
                         record["comm_bytes"], record["comm_bytes_dense"] = sent, dense

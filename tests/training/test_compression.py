@@ -146,7 +146,9 @@ LOSS_TOLERANCE = {"fp16": 0.02, "bf16": 0.02, "powersgd": 0.15, "sign": 0.4, "to
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("method", ["powersgd", "topk", "sign"])
+# Sign keeps the state top-k keeps (ErrorFeedback's residuals per parameter name, and the
+# step count), saved and restored by the same code: top-k stands for both (suite time).
+@pytest.mark.parametrize("method", ["powersgd", "topk"])
 def test_a_resume_restores_the_compression_state_exactly(
     method: str, digits_dataset: str, run_trainer: Callable[..., list[dict[str, Any]]],
     tmp_path: Path,
@@ -200,12 +202,12 @@ def test_a_resume_at_another_world_size_starts_from_the_mean_residuals(
     assert isinstance(compressor, TopK)
     checkpointer = Checkpointer(
         CheckpointConfig(), str(tmp_path / "scratch"), parts=[], optimizers=[], rank=0,
-        world_size=4, compressor=compressor,
+        world_size=4, rank_states={"compression": compressor},
     )  # fmt: skip
-    checkpointer._load_averaged_compression(str(checkpoint), compressor)
+    checkpointer._load_averaged(str(checkpoint), "compression", compressor)
     saved = []
     for rank in (0, 1):
-        state = checkpointer._saved_compression(str(checkpoint), rank)
+        state = checkpointer._saved(str(checkpoint), "compression", rank)
         dcp.load({"compression": {f"rank{rank}": state}}, checkpoint_id=str(checkpoint),
                  no_dist=True)  # fmt: skip
         saved.append(state)

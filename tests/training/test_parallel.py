@@ -125,6 +125,9 @@ def test_single_process_reference_learns(gpt_reference: Reference) -> None:
 # (name, ranks, overrides, the start event's layout and strategy, data-parallel ranks)
 LAYOUTS = [
     ("ddp", 2, [], "dp_replicate=2", "ddp", 2),
+    ("ddp-flat", 2, ["--parallel.allreduce=flat"], "dp_replicate=2", "flat", 2),
+    ("ddp-hierarchical", 4, ["--parallel.allreduce=hierarchical", "--parallel.node_size=2"],
+     "dp_replicate=4", "ddp", 4),
     ("fsdp", 2, ["--parallel.dp_shard=2"], "dp_shard=2", "fsdp", 2),
     ("tp", 2, ["--parallel.tp=2"], "tp=2", "none", 1),
     ("pp-gpipe", 2, ["--parallel.pp=2", "--parallel.pp_schedule=gpipe"], "pp=2", "none", 1),

@@ -133,6 +133,10 @@ class Compressor:
     # -- where gradients come from -----------------------------------------------------
     def hook(self, group: dist.ProcessGroup, bucket: dist.GradBucket) -> Future[torch.Tensor]:
         """DDP comm hook: one bucket. Its gradients are views laid end to end in the buffer."""
+        return self.average(group, bucket.buffer(), self.bucket_segments(bucket))
+
+    def bucket_segments(self, bucket: dist.GradBucket) -> tuple[Segment, ...]:
+        """The named segments of a DDP bucket's buffer (learned once per bucket layout)."""
         params = bucket.parameters()
         layout = tuple(map(id, params))  # DDP re-lays its buckets once, after the first step
         segments = self._bucket_segments.get(layout)
@@ -140,7 +144,7 @@ class Compressor:
             shapes = [(self.names.get(id(param), f"#{id(param)}"), tuple(param.shape))
                       for param in params]  # fmt: skip
             segments = self._bucket_segments[layout] = tile(shapes)
-        return self.average(group, bucket.buffer(), segments)
+        return segments
 
     def fsdp_hook(
         self, group: dist.ProcessGroup, module: nn.Module

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainer.comm import FlatAllReduce, HierarchicalAllReduce, node_grid
 from trainer.compression import Compressor, build_compressor
 from trainer.config import CompressionConfig, ModelConfig, ParallelConfig
 from trainer.models import StagedModel, build_model, init_weights
@@ -53,12 +54,16 @@ class ParallelModel:
     last_stage: bool
     """Whether this rank computes the loss (holds the last stage)."""
     strategy: str
-    """How data parallelism is done: 'ddp', 'fsdp', 'hsdp', 'replicate' (FSDP2) or 'none'."""
+    """How data parallelism is done: 'ddp', 'flat' (one all-reduce after backward), 'gossip'
+    or 'local_sgd' (parameters mixed after the step, ``trainer.comm.decentral``), 'fsdp',
+    'hsdp', 'replicate' (FSDP2) or 'none'."""
     comm_timer: CommTimer | None = None
     """With DDP: the time gradient all-reduces were in flight."""
     compressor: Compressor | None = None
     """With [compression] under DDP or HSDP: the compressor, its byte counts, and under HSDP
     the seconds its hooks spent averaging."""
+    gradient_sync: FlatAllReduce | None = None
+    """With parallel.allreduce = "flat": averages all gradients after backward."""
 
 
 def parallelize(
@@ -97,10 +102,26 @@ def parallelize(
                 strategy = "hsdp" if layout.dp_replicate > 1 else "fsdp"
         else:
             strategy = "ddp"
+    for knob, value in (("allreduce", config.allreduce), ("decentralized", config.decentralized)):
+        if value in ("ring", "none"):
+            continue
+        if strategy != "ddp":
+            raise ValueError(
+                f"parallel.{knob} = {value!r} replaces DDP's all-reduce: it needs pure data "
+                f"parallelism (dp_replicate > 1 alone); this layout runs {strategy!r}"
+            )
+        if value in ("flat", "gossip", "local_sgd"):
+            strategy = value
+    grid = None
+    if strategy == "ddp" and config.allreduce == "hierarchical":
+        grid = node_grid(device.type, config.node_size)
     compressor = None
     # One process sends nothing: the same config then simply runs uncompressed.
     if compression is not None and compression.method != "none" and layout.world_size > 1:
-        if strategy not in ("ddp", "hsdp") or layout.pp > 1:
+        if strategy not in ("ddp", "flat", "hsdp") or layout.pp > 1:
+            if strategy in ("gossip", "local_sgd"):
+                raise ValueError(f"compression.method = {compression.method!r} compresses "
+                                 f"gradients, which {strategy} does not send")  # fmt: skip
             raise ValueError(
                 f"compression.method = {compression.method!r} compresses the all-reduce across "
                 f"data-parallel replicas: it needs DDP (dp_replicate > 1 alone) or HSDP "
@@ -109,6 +130,8 @@ def parallelize(
             )
         where = layout.coordinates
         place = (where["dp_shard"], layout.dp_shard, where["tp"], layout.tp)
+        if grid is not None:  # ranks of one local index compress the same pieces
+            place = (grid[0].rank(), grid[0].size(), 0, 1)
         compressor = build_compressor(compression, place=place)
     if strategy in ("replicate", "fsdp", "hsdp"):
         hook = None
@@ -124,17 +147,25 @@ def parallelize(
             apply_fsdp(part, mesh=mesh, bf16=bf16, all_reduce_hook=hook,
                        reshard_after_forward=config.fsdp_reshard_after_forward)  # fmt: skip
     wrapped: list[nn.Module] = []
-    timer = CommTimer(compressor.hook if compressor else None) if strategy == "ddp" else None
+    timer = None
+    if strategy == "ddp":
+        inner = compressor.hook if compressor else None
+        if grid is not None:
+            inner = HierarchicalAllReduce(*grid, compressor=compressor).hook
+        timer = CommTimer(inner)
     for part in parts:
         part.to_empty(device=device)
         init_weights(part, seed)
+        if compressor is not None:
+            compressor.name_parameters(part)
         if strategy == "ddp":
-            if compressor is not None:
-                compressor.name_parameters(part)
             mesh = layout.submesh("dp_replicate")
             wrapped.append(apply_ddp(part, mesh=mesh, bucket_mb=config.ddp_bucket_mb, timer=timer))
         else:
             wrapped.append(part)
+    flat = None
+    if strategy == "flat":
+        flat = FlatAllReduce(wrapped, layout.group("dp_replicate"), compressor)
     schedule = None
     if layout.pp > 1:
         schedule = build_schedule(config, wrapped, stage_ids, stages, device=device,
@@ -142,5 +173,5 @@ def parallelize(
     return ParallelModel(
         parts=wrapped, loss_fn=loss_fn, schedule=schedule, first_stage=0 in stage_ids,
         last_stage=stages - 1 in stage_ids, strategy=strategy, comm_timer=timer,
-        compressor=compressor,
+        compressor=compressor, gradient_sync=flat,
     )  # fmt: skip

@@ -23,6 +23,15 @@ PACKAGES = ("shardflow", "torch", "nvidia-dali-cuda130", "webdataset", "numpy", 
             "simplejpeg", "xxhash")  # fmt: skip
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (``/proc/self/status``)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 class BenchmarkError(DataError):
     """A method's output does not hold every input sample, or a peer failed to run."""
 

@@ -35,7 +35,7 @@ import _cli
 from _bench import write_report
 from bench_compression import prepare
 
-from trainer.comm.model import cost, format_table, table
+from trainer.comm.model import cost, format_table, loopback_bytes, table
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name: (trainer overrides, the comm model's strategy, its compression factor)
@@ -55,16 +55,6 @@ LOCAL_STEPS = 8
 GPT = ["--model.name=gpt", "--model.seq_len=32", "--data.label_field=", "--data.global_batch=32",
        "--data.shuffle_window=2", "--optim.lr=0.003"]  # fmt: skip
 SHORT = 4
-
-
-def loopback_bytes() -> int:
-    """Bytes sent over the loopback interface since boot (``/proc/net/dev``)."""
-    with open("/proc/net/dev") as handle:
-        for line in handle:
-            name, _, fields = line.partition(":")
-            if name.strip() == "lo":
-                return int(fields.split()[8])
-    raise RuntimeError("no loopback interface in /proc/net/dev")
 
 
 def gradient_bytes() -> int:

@@ -49,7 +49,7 @@ from typing import Any
 
 import _cli
 import numpy as np
-from _bench import SEED, dali_own_rate, machine, plot_bars, prepare_photos
+from _bench import SEED, dali_own_rate, machine, plot_bars, prepare_photos, rss_bytes
 
 from dataflow import storage
 from dataflow.convert.config import ConvertConfig
@@ -59,14 +59,6 @@ from dataflow.pipeline import DataConfig, Loader
 from dataflow.storage import StorageConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def prepare_shards(photos: str, shards: str, count: int) -> str:
@@ -220,15 +212,15 @@ def _process(code: str, port: int) -> Iterator[str]:
         process.wait()
 
 
-def run_s3(
-    shards_root: str, connections: int, latency_s: float, bandwidth: float
-) -> dict[str, Any]:
-    """Every shard read once through the shaping proxy: sequential vs ours (concurrent)."""
+@contextlib.contextmanager
+def shaped_s3(latency_s: float, bandwidth: float) -> Iterator[tuple[str, str]]:
+    """(endpoint, proxy): the embedded S3 server, and the fault proxy in front of it shaped to
+    ``latency_s`` to first byte and ``bandwidth`` bytes/s per connection, each in its own
+    interpreter, until the block ends."""
     from dataflow.storage.local_s3 import DUMMY_CREDENTIALS, free_port
 
     for name, value in DUMMY_CREDENTIALS.items():
         os.environ.setdefault(name, value)
-    index = DatasetIndex.load(shards_root)
     server_port, proxy_port = free_port(), free_port()
     server_code = (
         "import time; from moto.server import ThreadedMotoServer; "
@@ -236,35 +228,44 @@ def run_s3(
         "time.sleep(86400)"
     )
     with _process(server_code, server_port) as endpoint:
-        direct = StorageConfig(endpoint_url=endpoint)
-        bucket = "s3://bench-io"
-        storage.make_bucket(bucket, config=direct)
-        for shard in index.shards:
-            storage.upload_file(os.path.join(shards_root, shard.path), f"{bucket}/{shard.path}",
-                                config=direct)  # fmt: skip
         proxy_code = (
             "import time; from support.faultproxy import FaultProxy; "
             f"FaultProxy({endpoint!r}, first_byte_latency_s={latency_s}, "
             f"bandwidth_bytes_per_s={bandwidth}, port={proxy_port}).start(); time.sleep(86400)"
         )
         with _process(proxy_code, proxy_port) as proxy:
-            urls = [(f"{bucket}/{s.path}", s.bytes) for s in index.shards]
-            total = sum(size for _, size in urls)
-            biggest = max(size for _, size in urls)
-            sequential = StorageConfig(endpoint_url=proxy, connections=1, range_size=biggest + 1)
-            started = time.perf_counter()
-            for url, size in urls:
-                storage.read_range(url, 0, size, config=sequential)
-            sequential_rate = total / 1e6 / (time.perf_counter() - started)
-            # Ours, as the loader's read-ahead does it: `connections` shards in flight at
-            # once. (Splitting each shard into small ranged GETs is what real S3 rewards, but
-            # moto copies the whole object for every ranged GET, so here a GET per shard.)
-            ours = StorageConfig(endpoint_url=proxy, connections=connections,
-                                 range_size=max(4096, biggest))  # fmt: skip
-            started = time.perf_counter()
-            with concurrent.futures.ThreadPoolExecutor(connections) as pool:
-                list(pool.map(lambda u: storage.read_range(u[0], 0, u[1], config=ours), urls))
-            ours_rate = total / 1e6 / (time.perf_counter() - started)
+            yield endpoint, proxy
+
+
+def run_s3(
+    shards_root: str, connections: int, latency_s: float, bandwidth: float
+) -> dict[str, Any]:
+    """Every shard read once through the shaping proxy: sequential vs ours (concurrent)."""
+    index = DatasetIndex.load(shards_root)
+    with shaped_s3(latency_s, bandwidth) as (endpoint, proxy):
+        direct = StorageConfig(endpoint_url=endpoint)
+        bucket = "s3://bench-io"
+        storage.make_bucket(bucket, config=direct)
+        for shard in index.shards:
+            storage.upload_file(os.path.join(shards_root, shard.path), f"{bucket}/{shard.path}",
+                                config=direct)  # fmt: skip
+        urls = [(f"{bucket}/{s.path}", s.bytes) for s in index.shards]
+        total = sum(size for _, size in urls)
+        biggest = max(size for _, size in urls)
+        sequential = StorageConfig(endpoint_url=proxy, connections=1, range_size=biggest + 1)
+        started = time.perf_counter()
+        for url, size in urls:
+            storage.read_range(url, 0, size, config=sequential)
+        sequential_rate = total / 1e6 / (time.perf_counter() - started)
+        # Ours, as the loader's read-ahead does it: `connections` shards in flight at
+        # once. (Splitting each shard into small ranged GETs is what real S3 rewards, but
+        # moto copies the whole object for every ranged GET, so here a GET per shard.)
+        ours = StorageConfig(endpoint_url=proxy, connections=connections,
+                             range_size=max(4096, biggest))  # fmt: skip
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+            list(pool.map(lambda u: storage.read_range(u[0], 0, u[1], config=ours), urls))
+        ours_rate = total / 1e6 / (time.perf_counter() - started)
     ideal = connections * bandwidth / 1e6
     return {
         "bytes": total,

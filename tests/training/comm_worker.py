@@ -38,6 +38,7 @@ from trainer.comm import (
     LocalSGD,
     node_grid,
 )
+from trainer.comm.model import loopback_bytes
 from trainer.compression import build_compressor
 from trainer.config import CompressionConfig
 
@@ -143,15 +144,6 @@ def decentral(rank: int, world: int) -> dict[str, Any]:
         result[name] = {"means": means, "spreads": spreads, "sent": sent,
                         "entries": flat.numel()}  # fmt: skip
     return result
-
-
-def loopback_bytes() -> int:
-    with open("/proc/net/dev") as handle:
-        for line in handle:
-            name, _, fields = line.partition(":")
-            if name.strip() == "lo":
-                return int(fields.split()[8])
-    return 0
 
 
 def wire(rank: int, world: int) -> dict[str, Any]:

@@ -77,18 +77,19 @@ def test_decentralized_training_learns_like_all_reduce(
 def test_a_diloco_resume_continues_exactly(digits_dataset: str, tmp_path: Path) -> None:
     # Saved at step 10, mid-period (local steps of 4): the ranks' own parameters and
     # optimizer states, the anchor, the outer momentum and the step count all matter. (The
-    # gossip mixer keeps the same per-rank state, without anchor and momentum.)
+    # gossip mixer keeps the same per-rank state, without anchor and momentum.) 2 ranks: the
+    # state is per rank all the same, and 2 start faster than 4.
     options = [*COMMON, f"--data.url={digits_dataset}", *MODES["diloco"], "--train.epochs=1",
                "--checkpoint.interval=10", "--parallel.consensus_every=0"]  # fmt: skip
-    whole = train(tmp_path / "whole", [*options, "--train.max_steps=20"], nproc=4)
-    train(tmp_path / "resumed", [*options, "--train.max_steps=10"], nproc=4)
-    resumed = train(tmp_path / "resumed", [*options, "--train.max_steps=20"], nproc=4)
+    whole = train(tmp_path / "whole", [*options, "--train.max_steps=20"], nproc=2)
+    train(tmp_path / "resumed", [*options, "--train.max_steps=10"], nproc=2)
+    resumed = train(tmp_path / "resumed", [*options, "--train.max_steps=20"], nproc=2)
     assert [r["resumed_from"] != "" for r in resumed.events("start")] == [False, True]
     final = "step-00000020"
     got = flat_state(resumed.checkpoints / final, tmp_path / "got.pt")
     want = flat_state(whole.checkpoints / final, tmp_path / "want.pt")
     assert sorted(got) == sorted(want)
-    assert any(name.startswith("decentral.rank3.param-") for name in want)
+    assert any(name.startswith("decentral.rank1.param-") for name in want)
     different = [name for name, value in want.items() if isinstance(value, torch.Tensor)
                  and not torch.equal(got[name], value)]  # fmt: skip
     assert not different, different[:5]

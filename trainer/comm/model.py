@@ -147,3 +147,14 @@ def format_table(costs: list[Cost]) -> str:
                      f"{c.cross_node_bytes_per_rank / 1e6:>19.2f} {c.latency_terms:>8.4g} "
                      f"{c.seconds * 1e3:>13.3f}")  # fmt: skip
     return "\n".join(lines)
+
+
+def loopback_bytes() -> int:
+    """Bytes this machine has sent over its loopback interface (``/proc/net/dev``): what the
+    model is checked against when all ranks run on one machine."""
+    with open("/proc/net/dev") as handle:
+        for line in handle:
+            name, _, fields = line.partition(":")
+            if name.strip() == "lo":
+                return int(fields.split()[8])
+    raise RuntimeError("no loopback interface in /proc/net/dev")

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml setup.py constraints-dev.txt dataflow/decode/_roijpeg.c | cksum | cut -d' ' -f1)
 
-.PHONY: demo test lint typecheck pytest venv clean bench-convert bench-io bench-train
+.PHONY: demo test lint typecheck pytest venv clean bench-convert bench-peers bench-train
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,8 @@ test: lint typecheck pytest
 bench-convert: $(STAMP)
 	$(PY) tools/bench_convert.py
 
-bench-io: $(STAMP)
-	$(PY) tools/bench_io.py
+bench-peers: $(STAMP)
+	$(PY) tools/bench_peers.py
 
 bench-train: $(STAMP)
 	$(PY) tools/bench_train.py

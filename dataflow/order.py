@@ -10,7 +10,7 @@ Algorithm (MosaicML Streaming's py1e trade-off, in block form):
 ``window`` is the quality/locality knob: a sample can land anywhere inside its block, so
 samples from ``window`` shards are mixed, while a reader needs only those ``window`` shards
 at a time. ``window = 1`` shuffles within shards; ``window ≥ shards`` is a full shuffle.
-``shuffle_quality`` measures it (see tools/bench_io.py for the figure).
+``shuffle_quality`` measures it (see tools/bench_peers.py for the figure).
 
 Nothing is materialised per epoch: a block's order is computed when a position in it is
 asked for (O(window · shard size) memory, a few ms per block), so the order of a

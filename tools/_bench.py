@@ -1,21 +1,30 @@
-"""Shared pieces of the benchmarks in tools/: the photo and digit sets, machine description,
-plots."""
+"""Shared pieces of the benchmarks in tools/: the photo and digit sets (and the photos as
+shards), the embedded S3 server behind the shaping proxy, machine description, memory,
+plots, reports."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import platform
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from importlib import metadata
 from typing import Any
 
+from dataflow.convert.config import ConvertConfig
+from dataflow.convert.job import convert
 from dataflow.errors import DataError
+from dataflow.index import DatasetIndex
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 0
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 MARKER = ".shardflow-bench"  # in a data dir a benchmark wrote, and so may rewrite
@@ -208,3 +217,59 @@ def write_report(out: str, name: str, method: str | None, fields: dict[str, Any]
     with open(path, "w") as handle:
         json.dump(report, handle, indent=1)
     return path
+
+
+def prepare_shards(photos: str, shards: str, count: int) -> str:
+    try:
+        if DatasetIndex.load(shards).num_samples == count:
+            return shards
+    except Exception:
+        pass
+    config = ConvertConfig(
+        input=photos, output=shards, max_shard_samples=256, workers=0, overwrite=True
+    )
+    convert(config, progress=False)
+    return shards
+
+
+@contextlib.contextmanager
+def _process(code: str, port: int) -> Iterator[str]:
+    """Run a loopback server in its own interpreter (its own GIL) until the block ends."""
+    environment = {**os.environ, "PYTHONPATH": os.path.join(REPO, "tests")}
+    process = subprocess.Popen([sys.executable, "-c", code], env=environment,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                break
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.kill()
+        process.wait()
+
+
+@contextlib.contextmanager
+def shaped_s3(latency_s: float, bandwidth: float) -> Iterator[tuple[str, str]]:
+    """(endpoint, proxy): the embedded S3 server, and the fault proxy in front of it shaped to
+    ``latency_s`` to first byte and ``bandwidth`` bytes/s per connection, each in its own
+    interpreter, until the block ends."""
+    from dataflow.storage.local_s3 import DUMMY_CREDENTIALS, free_port
+
+    for name, value in DUMMY_CREDENTIALS.items():
+        os.environ.setdefault(name, value)
+    server_port, proxy_port = free_port(), free_port()
+    server_code = (
+        "import time; from moto.server import ThreadedMotoServer; "
+        f"ThreadedMotoServer(ip_address='127.0.0.1', port={server_port}, verbose=False).start(); "
+        "time.sleep(86400)"
+    )
+    with _process(server_code, server_port) as endpoint:
+        proxy_code = (
+            "import time; from support.faultproxy import FaultProxy; "
+            f"FaultProxy({endpoint!r}, first_byte_latency_s={latency_s}, "
+            f"bandwidth_bytes_per_s={bandwidth}, port={proxy_port}).start(); time.sleep(86400)"
+        )
+        with _process(proxy_code, proxy_port) as proxy:
+            yield endpoint, proxy

@@ -66,8 +66,7 @@ from typing import Any
 
 import _cli
 import torch
-from _bench import BenchmarkError, machine, prepare_digits, prepare_photos
-from bench_io import prepare_shards
+from _bench import BenchmarkError, machine, prepare_digits, prepare_photos, prepare_shards
 
 from dataflow.config import split_overrides
 from dataflow.metrics import PipelineMetrics

@@ -3,7 +3,7 @@
 
     python tools/bench_tune.py [--count 3000] [--trial-seconds 2.5] [--out reports/]
 
-The photo set (tar shards, as bench_io) on the embedded S3 server behind the shaping proxy
+The photo set (tar shards, as bench_peers) on the embedded S3 server behind the shaping proxy
 (≈30 ms first byte, ≈90 MB/s per connection; tests/support/faultproxy.py), and a starting
 config with 1 connection, no read-ahead, 1 fetch worker and 1 decode worker. Over the same
 knobs — connections (1, 2, 4, 8), read-ahead shards (0, 1, 2, 4), fetch workers (1, 4),
@@ -22,8 +22,7 @@ import time
 from typing import Any
 
 import _cli
-from _bench import prepare_photos, rss_bytes, write_report
-from bench_io import prepare_shards, shaped_s3
+from _bench import prepare_photos, prepare_shards, rss_bytes, shaped_s3, write_report
 from tune_io import LoaderTrial
 
 from dataflow import storage

@@ -35,8 +35,7 @@ import time
 
 import _cli
 import torch
-from _bench import dali_own_rate, machine, prepare_photos
-from bench_io import prepare_shards
+from _bench import dali_own_rate, machine, prepare_photos, prepare_shards
 
 from dataflow.pipeline import DataConfig, Loader
 from trainer.metrics import read_metrics

@@ -1,0 +1,358 @@
+#!/usr/bin/env python
+"""Loader throughput against its peers, read throughput from S3, and memory over epochs.
+
+    python tools/bench_peers.py [--config FILE] [--count 3000] [--repeat 2] [--out reports/]
+                                [--skip-peers] [--skip-s3] [--rss-epochs 5]
+
+All in one run on the same cores (default: every core this process may use), on an
+ImageNet-like set of real-photo JPEGs (~33 KB; dataflow.datasets.write_photo_folder)
+converted once to tar shards, every method doing decode + random-resized-crop 224 + flip:
+
+    ours                        dataflow.Loader (threads: decode_workers from [data], 2 by
+                                default), one full epoch from local shards
+    reference × cores           the fastest in-process loop we can write, no I/O: bytes
+                                already in memory, simplejpeg decode + OpenCV crop-resize +
+                                flip on one core, multiplied by the number of cores
+    webdataset + DataLoader     webdataset.WebDataset over the same shards, shuffle(1000),
+                                PIL decode + crop-resize + flip, torch DataLoader with
+                                num_workers = cores, batch 64
+    ours (DALI CPU decode)      the same Loader with data.decode_backend = "dali" (decode_workers
+                                is both our threads and DALI's; 3–4 beat 2 on 2 cores)
+    DALI's own pipeline         readers.webdataset over the same shards (index files from our
+                                sample tables) → decoders.image_random_crop → resize → flip
+    DALI decode alone           DALI decoding our crop windows of photos already in memory,
+                                batch 64, no loader: the DALI backend's ceiling on these cores
+
+Then the storage path alone from S3: a local S3 server behind the fault proxy shaped to
+≈30 ms first byte and ≈90 MB/s per connection (tests/support/faultproxy.py), reading every
+shard once — one connection, one shard after another (the sequential reader) vs our
+concurrent ranged GETs over ``storage.connections``. And the loader's peak RSS per epoch
+over ``--rss-epochs`` epochs. Writes ``<out>/bench_peers.json`` (machine, date, config,
+results) and ``<out>/bench_peers.png``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import io
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import _cli
+import numpy as np
+from _bench import (
+    SEED,
+    dali_own_rate,
+    machine,
+    plot_bars,
+    prepare_photos,
+    prepare_shards,
+    rss_bytes,
+    shaped_s3,
+)
+
+from dataflow import storage
+from dataflow.index import DatasetIndex
+from dataflow.pipeline import DataConfig, Loader
+from dataflow.storage import StorageConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The three loaders
+
+
+def run_ours(config: DataConfig, storage_config: StorageConfig) -> tuple[float, int, Loader]:
+    loader = Loader(config, storage_config, rank=0, world_size=1)
+    started = time.perf_counter()
+    samples = sum(len(batch["__key__"]) for batch in loader)
+    return samples / (time.perf_counter() - started), samples, loader
+
+
+def run_reference(photos: list[bytes], size: int) -> float:
+    import cv2
+    import simplejpeg
+
+    from dataflow.decode.image import ImageAugment, crop_box, sample_draws
+
+    cv2.setNumThreads(1)
+    augment = ImageAugment(size=size)
+    draws = sample_draws(SEED, 0, np.arange(len(photos))).tolist()
+    out = np.empty((size, size, 3), np.uint8)
+    started = time.perf_counter()
+    for data, uniforms in zip(photos, draws, strict=True):
+        image = simplejpeg.decode_jpeg(data, colorspace="RGB")
+        top, left, height, width, flip = crop_box(image.shape[0], image.shape[1], augment,
+                                                  uniforms)  # fmt: skip
+        region = image[top : top + height, left : left + width]
+        cv2.resize(region, (size, size), dst=out, interpolation=cv2.INTER_LINEAR)
+        if flip:
+            cv2.flip(out, 1, dst=out)
+    return len(photos) / (time.perf_counter() - started)
+
+
+def _decode_for_pool(item: tuple[bytes, list[float]]) -> np.ndarray:
+    from dataflow.decode.image import ImageAugment, decode_augment_into
+
+    out = np.empty((224, 224, 3), np.uint8)
+    decode_augment_into(item[0], ImageAugment(size=224), item[1], out)
+    return out
+
+
+def run_pools(photos: list[bytes], workers: int) -> dict[str, float]:
+    """Decode + crop through a thread pool vs a process pool (results pickled back)."""
+    from dataflow.decode.image import sample_draws
+
+    items = list(zip(photos, sample_draws(SEED, 0, np.arange(len(photos))).tolist(), strict=True))
+    rates = {}
+    for name, pool_type in (("threads", concurrent.futures.ThreadPoolExecutor),
+                            ("processes", concurrent.futures.ProcessPoolExecutor)):  # fmt: skip
+        with pool_type(workers) as pool:
+            list(pool.map(_decode_for_pool, items[: workers * 4]))  # start-up outside the timing
+            started = time.perf_counter()
+            list(pool.map(_decode_for_pool, items, chunksize=16))
+            rates[name] = len(items) / (time.perf_counter() - started)
+    return rates
+
+
+def run_dali_alone(photos: list[bytes], size: int, threads: int, batch: int = 64) -> float:
+    """DALI's decode of our crop windows with the batches already in memory, no loader: the
+    ceiling of ``decode_backend = "dali"`` on these cores."""
+    from dataflow.decode.dali import DaliImageDecoder
+    from dataflow.decode.image import ImageAugment, crop_box, jpeg_size, sample_draws
+
+    augment = ImageAugment(size=size)
+    draws = sample_draws(SEED, 0, np.arange(len(photos))).tolist()
+    boxes = [crop_box(*jpeg_size(data), augment, u) for data, u in zip(photos, draws, strict=True)]
+    decoder = DaliImageDecoder(max_batch=batch, size=size, threads=threads)
+    out = np.empty((batch, size, size, 3), np.uint8)
+    decoder.decode(photos[:batch], boxes[:batch])  # builds the pipeline outside the timing
+    count = len(photos) // batch * batch
+    started = time.perf_counter()
+    for first in range(0, count, batch):
+        decoder.decode(photos[first : first + batch], boxes[first : first + batch], into=out,
+                       rows=range(batch))  # fmt: skip
+    return count / (time.perf_counter() - started)
+
+
+class PilCrop:
+    """torchvision-style RandomResizedCrop + flip with PIL, as webdataset users write it."""
+
+    def __init__(self, size: int) -> None:
+        from dataflow.decode.image import ImageAugment
+
+        self.size = size
+        self.augment = ImageAugment(size=size)
+        self.rng = np.random.default_rng()
+
+    def __call__(self, sample: dict[str, Any]) -> tuple[Any, int]:
+        import torch
+        from PIL import Image
+
+        from dataflow.decode.image import crop_box
+
+        image = Image.open(io.BytesIO(sample["jpg"])).convert("RGB")
+        uniforms = self.rng.random(42).tolist()
+        top, left, height, width, flip = crop_box(image.height, image.width, self.augment,
+                                                  uniforms)  # fmt: skip
+        image = image.resize((self.size, self.size), Image.Resampling.BILINEAR,
+                             box=(left, top, left + width, top + height))  # fmt: skip
+        if flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(np.asarray(image)), int(sample["cls"])
+
+
+def run_webdataset(shards: list[str], size: int, workers: int, batch: int) -> tuple[float, int]:
+    import torch
+    import webdataset as wds
+
+    dataset = wds.WebDataset(shards, shardshuffle=len(shards), empty_check=False)
+    dataset = dataset.shuffle(1000).map(PilCrop(size))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers)
+    started = time.perf_counter()
+    samples = sum(len(labels) for _, labels in loader)
+    return samples / (time.perf_counter() - started), samples
+
+
+# ---------------------------------------------------------------------------------------------
+# S3 read throughput behind a latency/bandwidth-shaping proxy
+
+
+def run_s3(
+    shards_root: str, connections: int, latency_s: float, bandwidth: float
+) -> dict[str, Any]:
+    """Every shard read once through the shaping proxy: sequential vs ours (concurrent)."""
+    index = DatasetIndex.load(shards_root)
+    with shaped_s3(latency_s, bandwidth) as (endpoint, proxy):
+        direct = StorageConfig(endpoint_url=endpoint)
+        bucket = "s3://bench-io"
+        storage.make_bucket(bucket, config=direct)
+        for shard in index.shards:
+            storage.upload_file(os.path.join(shards_root, shard.path), f"{bucket}/{shard.path}",
+                                config=direct)  # fmt: skip
+        urls = [(f"{bucket}/{s.path}", s.bytes) for s in index.shards]
+        total = sum(size for _, size in urls)
+        biggest = max(size for _, size in urls)
+        sequential = StorageConfig(endpoint_url=proxy, connections=1, range_size=biggest + 1)
+        started = time.perf_counter()
+        for url, size in urls:
+            storage.read_range(url, 0, size, config=sequential)
+        sequential_rate = total / 1e6 / (time.perf_counter() - started)
+        # Ours, as the loader's read-ahead does it: `connections` shards in flight at
+        # once. (Splitting each shard into small ranged GETs is what real S3 rewards, but
+        # moto copies the whole object for every ranged GET, so here a GET per shard.)
+        ours = StorageConfig(endpoint_url=proxy, connections=connections,
+                             range_size=max(4096, biggest))  # fmt: skip
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+            list(pool.map(lambda u: storage.read_range(u[0], 0, u[1], config=ours), urls))
+        ours_rate = total / 1e6 / (time.perf_counter() - started)
+    ideal = connections * bandwidth / 1e6
+    return {
+        "bytes": total,
+        "connections": connections,
+        "first_byte_latency_s": latency_s,
+        "bandwidth_per_connection_mb_s": bandwidth / 1e6,
+        "sequential_mb_s": sequential_rate,
+        "ours_mb_s": ours_rate,
+        "ideal_mb_s": ideal,
+        "fraction_of_ideal": ours_rate / ideal,
+        "speedup_vs_sequential": ours_rate / sequential_rate,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    arguments = _cli.parser(__doc__.split("\n\n")[0])
+    arguments.add_argument("--count", type=int, default=3000, help="photos in the set")
+    arguments.add_argument("--data-dir", default="/tmp/shardflow-bench/photos")
+    arguments.add_argument("--repeat", type=int, default=2, help="epochs per method; best counts")
+    arguments.add_argument("--rss-epochs", type=int, default=5)
+    arguments.add_argument("--skip-peers", action="store_true")
+    arguments.add_argument("--skip-s3", action="store_true")
+    arguments.add_argument("--skip-dali", action="store_true")
+    arguments.add_argument("--s3-connections", type=int, default=4)
+    arguments.add_argument("--out", default=os.path.join(REPO, "reports"))
+    args, config = _cli.parse(arguments)
+    cores = len(os.sched_getaffinity(0))
+    photos_dir = args.data_dir
+    files = prepare_photos(photos_dir, args.count, args.quiet)
+    shards = prepare_shards(photos_dir, photos_dir.rstrip("/") + "-shards", args.count)
+    data = dataclasses.replace(config.data, url=shards, global_batch=64, image_size=224)
+    results: dict[str, float] = {}
+    say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+
+    photos = []
+    for path, _ in files:
+        with open(path, "rb") as handle:
+            photos.append(handle.read())
+    say(f"{len(photos)} photos, mean {np.mean([len(p) for p in photos]) / 1000:.1f} KB, "
+        f"{cores} cores")  # fmt: skip
+    results["reference × cores"] = cores * max(
+        run_reference(photos, 224) for _ in range(args.repeat)
+    )
+    say(f"reference × cores: {results['reference × cores']:.0f} samples/s")
+    pools = run_pools(photos, cores)
+    say(f"decode pool of {cores}: threads {pools['threads']:.0f} samples/s, processes "
+        f"{pools['processes']:.0f} samples/s")  # fmt: skip
+    best = 0.0
+    loader: Loader | None = None
+    for _ in range(args.repeat):
+        rate, _, loader = run_ours(data, config.storage)
+        best = max(best, rate)
+    results["ours"] = best
+    assert loader is not None
+    stage_table = loader.metrics_.summary(loader.metrics())
+    say(f"ours: {best:.0f} samples/s\n{stage_table}")
+    if not args.skip_peers:
+        index = DatasetIndex.load(shards)
+        urls = [os.path.join(shards, s.path) for s in index.shards]
+        results["webdataset + DataLoader"] = max(
+            run_webdataset(urls, 224, cores, 64)[0] for _ in range(args.repeat)
+        )
+        say(f"webdataset + DataLoader: {results['webdataset + DataLoader']:.0f} samples/s")
+
+    if not args.skip_dali:
+        results["ours (DALI CPU decode)"] = max(
+            run_ours(dataclasses.replace(data, decode_backend="dali"), config.storage)[0]
+            for _ in range(args.repeat)
+        )  # fmt: skip
+        results["DALI's own pipeline"] = max(
+            dali_own_rate(shards, batch=64, threads=cores) for _ in range(args.repeat)
+        )
+        dali_own = results["DALI's own pipeline"]
+        dali_alone = max(run_dali_alone(photos, 224, data.decode_workers)
+                         for _ in range(args.repeat))  # fmt: skip
+        results["DALI decode alone (in memory)"] = dali_alone
+        say(
+            f"ours with DALI CPU decode: {results['ours (DALI CPU decode)']:.0f} samples/s; "
+            f"DALI's own webdataset pipeline: {dali_own:.0f} samples/s; DALI decoding our "
+            f"crops from memory, no loader: {dali_alone:.0f} samples/s"
+        )
+
+    rss = []
+    loader = Loader(data, config.storage, rank=0, world_size=1)
+    for epoch in range(args.rss_epochs):
+        loader.set_epoch(epoch)
+        peak = 0
+        for _ in loader:
+            peak = max(peak, rss_bytes())
+        rss.append(peak)
+    say("peak RSS per epoch (MB): " + ", ".join(f"{r / 1e6:.0f}" for r in rss))
+
+    s3: list[dict[str, Any]] = []
+    if not args.skip_s3:
+        for connections, bandwidth in ((args.s3_connections, 90e6), (4, 20e6), (8, 20e6)):
+            result = run_s3(shards, connections, 0.030, bandwidth)
+            s3.append(result)
+            say(f"S3 via shaping proxy (30 ms, {bandwidth / 1e6:.0f} MB/s per connection): "
+                f"sequential {result['sequential_mb_s']:.0f} MB/s, ours "
+                f"{result['ours_mb_s']:.0f} MB/s over {connections} connections "
+                f"({result['fraction_of_ideal']:.0%} of {result['ideal_mb_s']:.0f} MB/s; "
+                f"{result['speedup_vs_sequential']:.1f}× sequential)")  # fmt: skip
+
+    ratios = {f"ours ÷ {name}": results["ours"] / rate for name, rate in results.items()
+              if not name.startswith("ours")}  # fmt: skip
+    if "ours (DALI CPU decode)" in results:
+        for name in ("DALI's own pipeline", "DALI decode alone (in memory)"):
+            ratios[f"ours (DALI CPU decode) ÷ {name}"] = (
+                results["ours (DALI CPU decode)"] / results[name]
+            )
+    print("\nsamples/s (decode + random-resized-crop 224 + flip):")
+    for name, rate in results.items():
+        print(f"  {name:<{max(map(len, results))}}{rate:>9.0f}")
+    for name, ratio in ratios.items():
+        print(f"  {name:<{max(map(len, ratios))}}{ratio:>7.2f}×")
+    os.makedirs(args.out, exist_ok=True)
+    report = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "machine": machine(sorted(os.sched_getaffinity(0))),
+        "command": " ".join(sys.argv),
+        "config": {"data": dataclasses.asdict(data), "storage": dataclasses.asdict(config.storage)},
+        "photos": {"count": len(photos), "mean_bytes": float(np.mean([len(p) for p in photos]))},
+        "samples_per_s": results,
+        "decode_pool_samples_per_s": pools,
+        "ratios": ratios,
+        "loader_stages": loader.metrics() if loader else {},
+        "peak_rss_bytes_per_epoch": rss,
+        "s3": s3,
+    }
+    with open(os.path.join(args.out, "bench_peers.json"), "w") as handle:
+        json.dump(report, handle, indent=1, default=str)
+    title = f"{len(photos)} photos, {cores} cores: decode + RRC 224 + flip"
+    plot_bars(list(results), list(results.values()), os.path.join(args.out, "bench_peers.png"),
+              title, "samples/s")  # fmt: skip
+    print(f"wrote {args.out}/bench_peers.json and {args.out}/bench_peers.png")
+    return 0
+
+
+if __name__ == "__main__":
+    _cli.run(main)

@@ -16,6 +16,11 @@ converted once to tar shards, every method doing decode + random-resized-crop 22
     webdataset + DataLoader     webdataset.WebDataset over the same shards, shuffle(1000),
                                 PIL decode + crop-resize + flip, torch DataLoader with
                                 num_workers = cores, batch 64
+    MosaicML streaming          the photos as MDS shards; StreamingDataset (shuffled) + torch
+                                DataLoader, the same PIL work, num_workers = cores, batch 64
+    litdata                     the photos as litdata.optimize chunks; StreamingDataset
+                                (shuffled) + StreamingDataLoader, likewise (both in
+                                .venv-peers: tools/peers/loader_peers.py; skipped without it)
     ours (DALI CPU decode)      the same Loader with data.decode_backend = "dali" (decode_workers
                                 is both our threads and DALI's; 3–4 beat 2 on 2 cores)
     DALI's own pipeline         readers.webdataset over the same shards (index files from our
@@ -39,6 +44,7 @@ import datetime
 import io
 import json
 import os
+import subprocess
 import sys
 import time
 from typing import Any
@@ -47,7 +53,9 @@ import _cli
 import numpy as np
 from _bench import (
     SEED,
+    BenchmarkError,
     dali_own_rate,
+    list_images,
     machine,
     plot_bars,
     prepare_photos,
@@ -180,6 +188,25 @@ def run_webdataset(shards: list[str], size: int, workers: int, batch: int) -> tu
     return samples / (time.perf_counter() - started), samples
 
 
+PEER_PYTHON = os.path.join(REPO, ".venv-peers", "bin", "python")
+PEER_LOADERS = {"streaming": "MosaicML streaming + DataLoader",
+                "litdata": "litdata StreamingDataLoader"}  # fmt: skip
+
+
+def run_peer_loader(peer: str, photos_dir: str, work: str, workers: int) -> float:
+    """One epoch of a peer loader in .venv-peers (tools/peers/loader_peers.py): samples/s."""
+    command = [PEER_PYTHON, os.path.join(REPO, "tools", "peers", "loader_peers.py"), "--peer",
+               peer, "--photos", photos_dir, "--work", work, "--workers", str(workers)]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    if done.returncode != 0:
+        raise BenchmarkError(f"{peer} failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["samples"] != len(list_images(photos_dir)):
+        raise BenchmarkError(f"{peer} read {result['samples']} samples, not every photo")
+    return float(result["samples_per_s"])
+
+
 # ---------------------------------------------------------------------------------------------
 # S3 read throughput behind a latency/bandwidth-shaping proxy
 
@@ -279,6 +306,13 @@ def main() -> int:
             run_webdataset(urls, 224, cores, 64)[0] for _ in range(args.repeat)
         )
         say(f"webdataset + DataLoader: {results['webdataset + DataLoader']:.0f} samples/s")
+        for peer, name in PEER_LOADERS.items():
+            if not os.path.exists(PEER_PYTHON):
+                say(f"{name} skipped: .venv-peers is missing (bash tools/peers/setup.sh)")
+                continue
+            results[name] = max(run_peer_loader(peer, photos_dir, args.data_dir + "-peers",
+                                                cores) for _ in range(args.repeat))  # fmt: skip
+            say(f"{name}: {results[name]:.0f} samples/s")
 
     if not args.skip_dali:
         results["ours (DALI CPU decode)"] = max(

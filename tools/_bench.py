@@ -5,6 +5,7 @@ plots, reports."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -273,3 +274,45 @@ def shaped_s3(latency_s: float, bandwidth: float) -> Iterator[tuple[str, str]]:
         )
         with _process(proxy_code, proxy_port) as proxy:
             yield endpoint, proxy
+
+
+@dataclasses.dataclass
+class LoaderRun:
+    batches: int
+    samples: int
+    """Valid samples delivered (padding not counted)."""
+    seconds: float
+    metrics: dict[str, Any]
+    """``loader.metrics()`` at the end (restarted after the first batch with ``warm_up``)."""
+
+
+def drive_loader(data: Any, store: Any, *, seconds: float | None = None,
+                 batches: int | None = None, warm_up: bool = False) -> LoaderRun:  # fmt: skip
+    """Run a new Loader (rank 0 of 1) across epochs until ``seconds`` have passed or
+    ``batches`` were read, then close it. ``warm_up``: the first batch — start-up — is neither
+    counted nor timed, and the loader's metrics restart after it."""
+    from dataflow.pipeline import Loader
+
+    loader = Loader(data, store, rank=0, world_size=1)
+    count = samples = epoch = 0
+    started = time.perf_counter()
+    warming = warm_up
+    try:
+        while True:
+            loader.set_epoch(epoch)
+            for batch in loader:
+                if warming:
+                    warming = False
+                    started = time.perf_counter()
+                    loader.metrics_.reset()
+                    continue
+                count += 1
+                samples += int(batch["__valid__"].sum())
+                elapsed = time.perf_counter() - started
+                if (batches is not None and count >= batches) or (
+                    seconds is not None and elapsed >= seconds
+                ):  # fmt: skip
+                    return LoaderRun(count, samples, elapsed, loader.metrics())
+            epoch += 1
+    finally:
+        loader.close()

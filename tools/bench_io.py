@@ -34,14 +34,12 @@ import time
 from typing import Any
 
 import _cli
-from _bench import plot_bars, write_report
+from _bench import drive_loader, plot_bars, write_report
 
 from dataflow import storage
 from dataflow.index import DatasetIndex
 from dataflow.metrics import PipelineMetrics, StageMetrics
-from dataflow.pipeline import DataConfig, Loader
 from dataflow.pipeline.shards import ShardFetcher
-from dataflow.storage import StorageConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -71,33 +69,6 @@ def timed_shards(work: Any, shards: int, workers: int, seconds: float) -> tuple[
     return done[0], nbytes[0], time.perf_counter() - started
 
 
-def run_loader(data: DataConfig, store: StorageConfig, seconds: float, batches: int | None
-               ) -> tuple[int, int, float, dict[str, Any]]:  # fmt: skip
-    """(batches, samples, elapsed, metrics) of the loader for ``seconds`` (or ``batches``)."""
-    loader = Loader(data, store, rank=0, world_size=1)
-    count = samples = 0
-    started = time.perf_counter()
-    try:
-        epoch = 0
-        while True:
-            loader.set_epoch(epoch)
-            for batch in loader:
-                count += 1
-                samples += int(batch["__valid__"].sum())
-                if (batches is not None and count >= batches) or (
-                    batches is None and time.perf_counter() - started >= seconds
-                ):  # fmt: skip
-                    break
-            else:
-                epoch += 1
-                continue
-            break
-        metrics = loader.metrics()
-    finally:
-        loader.close()
-    return count, samples, time.perf_counter() - started, metrics
-
-
 def main() -> int:
     arguments = _cli.parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--seconds", type=float, default=10.0, help="per stage")
@@ -113,6 +84,10 @@ def main() -> int:
     say(f"{data.url}: {index.num_samples:,} samples in {shards} shards, "
         f"{sample_bytes / 1e3:.1f} KB a sample; {args.seconds:.0f} s a stage")  # fmt: skip
     rows: dict[str, dict[str, float]] = {}
+
+    def per_second(samples: int, seconds: float) -> dict[str, float]:
+        return {"samples_per_s": samples / seconds,
+                "mb_per_s": samples * sample_bytes / 1e6 / seconds}  # fmt: skip
 
     def storage_read(number: int) -> int:
         entry = index.shards[number]
@@ -141,14 +116,13 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-io-cache-") as cache:
         cold = dataclasses.replace(data, cache_dir=cache,
                                    audit=False, prefetch_next_epoch=False)  # fmt: skip
-        batches, got, elapsed, metrics = run_loader(cold, store, args.seconds, None)
-        rows["loader, cold"] = {"samples_per_s": got / elapsed,
-                                "mb_per_s": got * sample_bytes / 1e6 / elapsed}  # fmt: skip
+        first = drive_loader(cold, store, seconds=args.seconds)
+        metrics = first.metrics
+        rows["loader, cold"] = per_second(first.samples, first.seconds)
         say(f"  loader, cold: {rows['loader, cold']['samples_per_s']:.0f} samples/s\n"
             + PipelineMetrics.summary(metrics))  # fmt: skip
-        _, got, elapsed, _ = run_loader(cold, store, args.seconds, batches)
-        rows["+ decode + batch"] = {"samples_per_s": got / elapsed,
-                                    "mb_per_s": got * sample_bytes / 1e6 / elapsed}  # fmt: skip
+        again = drive_loader(cold, store, batches=first.batches)
+        rows["+ decode + batch"] = per_second(again.samples, again.seconds)
     say(f"  + decode + batch (shards already read): "
         f"{rows['+ decode + batch']['samples_per_s']:.0f} samples/s")  # fmt: skip
     parts = ("storage", "+ format", "+ decode + batch")

@@ -30,11 +30,11 @@ import time
 from typing import Any
 
 import _cli
-from _bench import rss_bytes
+from _bench import drive_loader, rss_bytes
 
 from dataflow.config import format_bytes, parse_bytes
 from dataflow.index import DatasetIndex
-from dataflow.pipeline import DataConfig, Loader
+from dataflow.pipeline import DataConfig
 from dataflow.storage import StorageConfig, protocol_of
 from dataflow.tuning import (
     Knob,
@@ -77,7 +77,8 @@ def apply(values: dict[str, Any], data: DataConfig, store: StorageConfig
 
 
 class LoaderTrial:
-    """Measures one setting: the loader runs for ``seconds`` after its first batch."""
+    """Measures one setting: the loader runs for ``seconds`` after its first batch (counted:
+    valid samples; memory: resident memory above the start, sampled every 50 ms)."""
 
     def __init__(self, data: DataConfig, store: StorageConfig, seconds: float, base_rss: int,
                  quiet: bool) -> None:  # fmt: skip
@@ -96,30 +97,12 @@ class LoaderTrial:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         began = time.perf_counter()
-        loader = Loader(data, store, rank=0, world_size=1)
-        samples, started, epoch = 0, 0.0, 0
         try:
-            while True:
-                loader.set_epoch(epoch)
-                for batch in loader:
-                    if not started:  # the first batch pays start-up: not counted
-                        started = time.perf_counter()
-                        loader.metrics_.reset()
-                        continue
-                    samples += len(batch["__key__"])
-                    if time.perf_counter() - started >= self.seconds:
-                        break
-                else:
-                    epoch += 1
-                    continue
-                break
-            metrics = loader.metrics()
+            run = drive_loader(data, store, seconds=self.seconds, warm_up=True)
         finally:
-            loader.close()
             done.set()
             watcher.join()
-        elapsed = time.perf_counter() - started
-        rate = samples / elapsed
+        rate, metrics = run.samples / run.seconds, run.metrics
         stages = metrics["stages"]
         bottleneck = max(stages, key=lambda name: stages[name]["utilisation"])
         measurement = Measurement(rate=rate, bottleneck=bottleneck,

@@ -66,6 +66,9 @@ class HierarchicalAllReduce:
         self.intra, self.cross, self.compressor = intra, cross, compressor
         self.local_size, self.nodes = intra.size(), cross.size()
         self.local_rank = dist.get_group_rank(intra, dist.get_rank())
+        # This rank's pieces of each bucket layout (the compressor keeps one segments tuple
+        # per layout), worked out once, not every step.
+        self._pieces: dict[tuple[int, int, int], tuple[Segment, ...]] = {}
 
     def hook(
         self, group: dist.ProcessGroup, bucket: dist.GradBucket
@@ -90,7 +93,10 @@ class HierarchicalAllReduce:
             mine.div_(local * self.nodes)
         elif real:
             mine.div_(local)
-            parts = pieces(segments, start, start + real)
+            cached = (id(segments), start, real)
+            parts = self._pieces.get(cached)
+            if parts is None:
+                parts = self._pieces[cached] = pieces(segments, start, start + real)
             mine.copy_(self.compressor.average(self.cross, mine, parts).wait())
         dist.all_gather_into_tensor(padded, shard, group=self.intra)
         if padded is not flat:

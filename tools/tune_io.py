@@ -143,9 +143,9 @@ def rewrite(text: str, values: dict[str, Any], was: dict[str, Any]) -> str:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
                    len(lines))  # fmt: skip
         pattern = re.compile(rf"^(\s*{re.escape(key)}\s*=\s*)([^#]*?)(\s*#.*)?$")
+        mark = f"# tuned, was {toml_value(was[path])}"
         for i in range(start + 1, end):
             match = pattern.match(lines[i])
-            mark = f"# tuned, was {toml_value(was[path])}"
             if match:
                 comment = (match.group(3) or "").strip().lstrip("#").strip()
                 lines[i] = f"{match.group(1)}{toml_value(value)}  {mark}" + (

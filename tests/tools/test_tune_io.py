@@ -5,10 +5,13 @@ tests/tuning; reports/bench_tune.json holds its run against an exhaustive grid.)
 
 from __future__ import annotations
 
+import importlib
 import re
+import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 from test_cli import tool
 
 from dataflow.convert.config import ConvertConfig
@@ -48,3 +51,29 @@ def test_tune_io_writes_a_tuned_copy_of_the_config(photo_folder: Path, tmp_path:
     tuned_config = load(tuned)
     assert tuned_config.data.url == str(shards) and tuned_config.data.image_size == 64
     assert (tmp_path / "tuned.png").stat().st_size > 10_000
+
+
+def test_rewrite_marks_changed_keys_and_adds_missing_keys_and_sections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Appended, not prepended: tools/inspect.py must not shadow the standard library's.
+    monkeypatch.setattr(sys, "path", [*sys.path, str(Path(__file__).parents[2] / "tools")])
+    rewrite = importlib.import_module("tune_io").rewrite
+    source = '# mine\n[data]\nurl = "s3://b/x"\ndecode_workers = 1   # one worker\n'
+    text = rewrite(source, {"data.decode_workers": 4, "data.readahead_shards": 2,
+                            "storage.connections": 8, "storage.range_size": 16 << 20},
+                   {"data.decode_workers": 1, "data.readahead_shards": 0,
+                    "storage.connections": 1, "storage.range_size": 8 << 20})  # fmt: skip
+    assert text.splitlines() == [
+        "# mine",
+        "[data]",
+        "readahead_shards = 2  # tuned, was 0",
+        'url = "s3://b/x"',
+        "decode_workers = 4  # tuned, was 1 — one worker",
+        "",
+        "[storage]",
+        'range_size = "16MiB"  # tuned, was "8MiB"',
+        "connections = 8  # tuned, was 1",
+    ]
+    parsed = tomllib.loads(text)
+    assert parsed["storage"] == {"connections": 8, "range_size": "16MiB"}

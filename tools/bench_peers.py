@@ -13,6 +13,9 @@ converted once to tar shards, every method doing decode + random-resized-crop 22
     reference × cores           the fastest in-process loop we can write, no I/O: bytes
                                 already in memory, simplejpeg decode + OpenCV crop-resize +
                                 flip on one core, multiplied by the number of cores
+    reference, one loop per     the same loop in one process per core, all at once, rates
+      core at once              summed: what the cores give together (shared caches, memory
+                                bandwidth, the host's scheduling), against "× cores"
     webdataset + DataLoader     webdataset.WebDataset over the same shards, shuffle(1000),
                                 PIL decode + crop-resize + flip, torch DataLoader with
                                 num_workers = cores, batch 64
@@ -28,7 +31,12 @@ converted once to tar shards, every method doing decode + random-resized-crop 22
     DALI decode alone           DALI decoding our crop windows of photos already in memory,
                                 batch 64, no loader: the DALI backend's ceiling on these cores
 
-Then the storage path alone from S3: a local S3 server behind the fault proxy shaped to
+Then every loader again, one epoch each from S3 behind a local S3 server and the fault proxy
+shaped to ≈30 ms first byte and ≈90 MB/s per connection, as its users read remote data: ours
+with read-ahead over ``storage.connections`` and no cache; webdataset over presigned URLs
+(curl); streaming and litdata into an empty local cache; DALI with its own S3 reader (8
+batches: it fetches sample by sample). Then
+the storage path alone from S3: a local S3 server behind the fault proxy shaped to
 ≈30 ms first byte and ≈90 MB/s per connection (tests/support/faultproxy.py), reading every
 shard once — one connection, one shard after another (the sequential reader) vs our
 concurrent ranged GETs over ``storage.connections``. And the loader's peak RSS per epoch
@@ -62,6 +70,7 @@ from _bench import (
     prepare_shards,
     rss_bytes,
     shaped_s3,
+    upload_dataset,
 )
 
 from dataflow import storage
@@ -103,6 +112,28 @@ def run_reference(photos: list[bytes], size: int) -> float:
         if flip:
             cv2.flip(out, 1, dst=out)
     return len(photos) / (time.perf_counter() - started)
+
+
+def _reference_in_process(photos: list[bytes], size: int, start: Any, rates: Any) -> None:
+    start.wait()
+    rates.put(run_reference(photos, size))
+
+
+def run_reference_per_core(photos: list[bytes], size: int, cores: int) -> float:
+    """The reference loop in ``cores`` processes at once, each on its own copy of the photos:
+    what the cores together really give, against the "× cores" extrapolation."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    start, rates = context.Barrier(cores), context.Queue()
+    processes = [context.Process(target=_reference_in_process, args=(photos, size, start, rates))
+                 for _ in range(cores)]  # fmt: skip
+    for process in processes:
+        process.start()
+    total = sum(rates.get(timeout=600) for _ in processes)
+    for process in processes:
+        process.join()
+    return total
 
 
 def _decode_for_pool(item: tuple[bytes, list[float]]) -> np.ndarray:
@@ -193,10 +224,14 @@ PEER_LOADERS = {"streaming": "MosaicML streaming + DataLoader",
                 "litdata": "litdata StreamingDataLoader"}  # fmt: skip
 
 
-def run_peer_loader(peer: str, photos_dir: str, work: str, workers: int) -> float:
-    """One epoch of a peer loader in .venv-peers (tools/peers/loader_peers.py): samples/s."""
+def run_peer_loader(peer: str, photos_dir: str, work: str, workers: int,
+                    s3: tuple[str, str, str] | None = None) -> float:  # fmt: skip
+    """One epoch of a peer loader in .venv-peers (tools/peers/loader_peers.py): samples/s.
+    ``s3``: (remote, read endpoint, upload endpoint) to read it from S3."""
     command = [PEER_PYTHON, os.path.join(REPO, "tools", "peers", "loader_peers.py"), "--peer",
                peer, "--photos", photos_dir, "--work", work, "--workers", str(workers)]  # fmt: skip
+    if s3:
+        command += ["--remote", s3[0], "--endpoint", s3[1], "--upload-endpoint", s3[2]]
     done = subprocess.run(command, capture_output=True, text=True, check=False,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     if done.returncode != 0:
@@ -205,6 +240,69 @@ def run_peer_loader(peer: str, photos_dir: str, work: str, workers: int) -> floa
     if result["samples"] != len(list_images(photos_dir)):
         raise BenchmarkError(f"{peer} read {result['samples']} samples, not every photo")
     return float(result["samples_per_s"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The loaders again, from S3 behind the shaping proxy
+
+
+def presigned_urls(url: str, keys: list[str], endpoint: str) -> list[str]:
+    """Presigned HTTP GET URLs for ``url``/key through ``endpoint``: how webdataset users
+    stream private S3 shards (webdataset opens http:// with curl)."""
+    import boto3
+
+    bucket, _, prefix = url.removeprefix("s3://").partition("/")
+    client = boto3.client("s3", endpoint_url=endpoint)
+    return [client.generate_presigned_url("get_object", ExpiresIn=3600,
+                                          Params={"Bucket": bucket, "Key": f"{prefix}/{key}"})
+            for key in keys]  # fmt: skip
+
+
+def run_loaders_from_s3(
+    shards: str, photos_dir: str, work: str, data: DataConfig, store: StorageConfig,
+    workers: int, repeat: int, dali: bool, say: Any,
+) -> dict[str, float]:  # fmt: skip
+    """One epoch of every loader from S3 through the proxy shaped to 30 ms first byte and
+    90 MB/s per connection, each as its users configure remote reading: ours with its
+    read-ahead over ``storage.connections``, no cache; webdataset over presigned URLs;
+    streaming and litdata into an empty local cache each run; DALI with its own S3 reader.
+    Uploads go straight to the server and are not timed."""
+    rates: dict[str, float] = {}
+    with shaped_s3(0.030, 90e6) as (endpoint, proxy):
+        url = "s3://bench-peers/ours"
+        upload_dataset(shards, url, StorageConfig(endpoint_url=endpoint))
+        through = dataclasses.replace(store, endpoint_url=proxy)
+        remote = dataclasses.replace(data, url=url)
+        rates["ours"] = max(run_ours(remote, through)[0] for _ in range(repeat))
+        say(f"  ours: {rates['ours']:.0f} samples/s")
+        index = DatasetIndex.load(shards)
+        urls = presigned_urls(url, [s.path for s in index.shards], proxy)
+        name = "webdataset + DataLoader"
+        rates[name] = max(run_webdataset(urls, 224, workers, 64)[0] for _ in range(repeat))
+        say(f"  {name}: {rates[name]:.0f} samples/s")
+        for peer, name in PEER_LOADERS.items():
+            if os.path.exists(PEER_PYTHON):
+                s3 = (f"s3://bench-peers/{peer}", proxy, endpoint)
+                rates[name] = max(run_peer_loader(peer, photos_dir, work, workers, s3)
+                                  for _ in range(repeat))  # fmt: skip
+                say(f"  {name}: {rates[name]:.0f} samples/s")
+        if dali:
+            name = "ours (DALI CPU decode)"
+            rates[name] = max(run_ours(dataclasses.replace(remote, decode_backend="dali"),
+                                       through)[0] for _ in range(repeat))  # fmt: skip
+            say(f"  {name}: {rates[name]:.0f} samples/s")
+            name = "DALI's own pipeline"
+            os.environ["AWS_ENDPOINT_URL"] = proxy  # DALI's S3 reader (the AWS SDK) reads it
+            try:
+                # Measured: DALI's S3 reader fetches sample by sample, one request after
+                # another (~13 samples/s at 30 ms; read_ahead changes nothing), so an epoch
+                # would take minutes: 8 batches, once, tell its rate.
+                rates[name] = dali_own_rate(shards, batch=64, threads=workers, remote=url,
+                                            batches=8)  # fmt: skip
+            finally:
+                del os.environ["AWS_ENDPOINT_URL"]
+            say(f"  {name}: {rates[name]:.0f} samples/s")
+    return rates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +355,21 @@ def run_s3(
 # ---------------------------------------------------------------------------------------------
 
 
+def ratios_of(rates: dict[str, float]) -> dict[str, float]:
+    """Ours over each peer; ours with DALI decode over DALI's own pipeline and its ceiling."""
+    if "ours" not in rates:
+        return {}
+    ratios = {f"ours ÷ {name}": rates["ours"] / rate for name, rate in rates.items()
+              if not name.startswith("ours")}  # fmt: skip
+    if "ours (DALI CPU decode)" in rates:
+        for name in ("DALI's own pipeline", "DALI decode alone (in memory)"):
+            if name in rates:
+                ratios[f"ours (DALI CPU decode) ÷ {name}"] = (
+                    rates["ours (DALI CPU decode)"] / rates[name]
+                )
+    return ratios
+
+
 def main() -> int:
     arguments = _cli.parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--count", type=int, default=3000, help="photos in the set")
@@ -287,6 +400,11 @@ def main() -> int:
         run_reference(photos, 224) for _ in range(args.repeat)
     )
     say(f"reference × cores: {results['reference × cores']:.0f} samples/s")
+    results["reference, one loop per core at once"] = max(
+        run_reference_per_core(photos, 224, cores) for _ in range(args.repeat)
+    )
+    say(f"reference, one loop per core at once: "
+        f"{results['reference, one loop per core at once']:.0f} samples/s")  # fmt: skip
     pools = run_pools(photos, cores)
     say(f"decode pool of {cores}: threads {pools['threads']:.0f} samples/s, processes "
         f"{pools['processes']:.0f} samples/s")  # fmt: skip
@@ -353,18 +471,25 @@ def main() -> int:
                 f"({result['fraction_of_ideal']:.0%} of {result['ideal_mb_s']:.0f} MB/s; "
                 f"{result['speedup_vs_sequential']:.1f}× sequential)")  # fmt: skip
 
-    ratios = {f"ours ÷ {name}": results["ours"] / rate for name, rate in results.items()
-              if not name.startswith("ours")}  # fmt: skip
-    if "ours (DALI CPU decode)" in results:
-        for name in ("DALI's own pipeline", "DALI decode alone (in memory)"):
-            ratios[f"ours (DALI CPU decode) ÷ {name}"] = (
-                results["ours (DALI CPU decode)"] / results[name]
-            )
-    print("\nsamples/s (decode + random-resized-crop 224 + flip):")
-    for name, rate in results.items():
-        print(f"  {name:<{max(map(len, results))}}{rate:>9.0f}")
-    for name, ratio in ratios.items():
-        print(f"  {name:<{max(map(len, ratios))}}{ratio:>7.2f}×")
+    from_s3: dict[str, float] = {}
+    if not args.skip_s3:
+        say("the loaders from S3 via the shaping proxy (30 ms, 90 MB/s per connection):")
+        from_s3 = run_loaders_from_s3(
+            shards, photos_dir, args.data_dir + "-peers", data, config.storage, cores,
+            args.repeat, dali=not args.skip_dali, say=say,
+        )  # fmt: skip
+
+    ratios, s3_ratios = ratios_of(results), ratios_of(from_s3)
+    for heading, rates, table in (
+        ("local shards", results, ratios),
+        ("from S3 behind the shaping proxy", from_s3, s3_ratios),
+    ):
+        if rates:
+            print(f"\nsamples/s, {heading} (decode + random-resized-crop 224 + flip):")
+            for name, rate in rates.items():
+                print(f"  {name:<{max(map(len, rates))}}{rate:>9.0f}")
+            for name, ratio in table.items():
+                print(f"  {name:<{max(map(len, table))}}{ratio:>7.2f}×")
     os.makedirs(args.out, exist_ok=True)
     report = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -375,6 +500,8 @@ def main() -> int:
         "samples_per_s": results,
         "decode_pool_samples_per_s": pools,
         "ratios": ratios,
+        "samples_per_s_from_s3": from_s3,
+        "ratios_from_s3": s3_ratios,
         "loader_stages": loader.metrics() if loader else {},
         "peak_rss_bytes_per_epoch": rss,
         "s3": s3,
@@ -384,7 +511,11 @@ def main() -> int:
     title = f"{len(photos)} photos, {cores} cores: decode + RRC 224 + flip"
     plot_bars(list(results), list(results.values()), os.path.join(args.out, "bench_peers.png"),
               title, "samples/s")  # fmt: skip
-    print(f"wrote {args.out}/bench_peers.json and {args.out}/bench_peers.png")
+    if from_s3:
+        s3_title = f"{title}, from S3 (30 ms first byte, 90 MB/s per connection)"
+        plot_bars(list(from_s3), list(from_s3.values()),
+                  os.path.join(args.out, "bench_peers_s3.png"), s3_title, "samples/s")  # fmt: skip
+    print(f"wrote {args.out}/bench_peers.json and {args.out}/bench_peers*.png")
     return 0
 
 

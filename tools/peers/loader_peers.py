@@ -6,7 +6,12 @@ decode + random-resized-crop + flip in PIL (the same work as bench_peers' webdat
 conversion's seconds (the converted set is kept under --work and reused).
 
     .venv-peers/bin/python tools/peers/loader_peers.py --peer streaming --photos DIR \\
-        --work DIR [--workers 2] [--batch 64] [--size 224]
+        --work DIR [--workers 2] [--batch 64] [--size 224] \\
+        [--remote s3://BUCKET/PREFIX --endpoint URL --upload-endpoint URL]
+
+With ``--remote`` the converted set is first uploaded there through ``--upload-endpoint`` (not
+timed), then read from S3 through ``--endpoint`` the way each peer streams from object
+storage: into an empty local cache of its own, shards downloaded as the epoch needs them.
 
 Self-contained: .venv-peers holds the peers, not shardflow.
 """
@@ -14,6 +19,7 @@ Self-contained: .venv-peers holds the peers, not shardflow.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import math
@@ -22,6 +28,7 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -109,13 +116,14 @@ def _torchvision_for_streaming() -> None:
                             "torchvision.transforms.functional": functional})  # fmt: skip
 
 
-def streaming_dataset(out: str, batch: int, size: int) -> Any:
+def streaming_dataset(source: Source, batch: int, size: int) -> Any:
     _torchvision_for_streaming()
     from streaming import StreamingDataset
 
     class Photos(StreamingDataset):
         def __init__(self) -> None:
-            super().__init__(local=out, shuffle=True, batch_size=batch)
+            super().__init__(remote=source.remote, local=source.local, shuffle=True,
+                             batch_size=batch)  # fmt: skip
             self.crop = PilCrop(size)
 
         def __getitem__(self, index: int) -> Any:
@@ -127,10 +135,12 @@ def streaming_dataset(out: str, batch: int, size: int) -> Any:
     return Photos()
 
 
-def read_streaming(out: str, workers: int, batch: int, size: int) -> int:
+def read_streaming(source: Source, workers: int, batch: int, size: int) -> int:
     import torch
 
-    loader = torch.utils.data.DataLoader(streaming_dataset(out, batch, size), batch_size=batch,
+    if source.endpoint:
+        os.environ["S3_ENDPOINT_URL"] = source.endpoint  # streaming's way to name the store
+    loader = torch.utils.data.DataLoader(streaming_dataset(source, batch, size), batch_size=batch,
                                          num_workers=workers)  # fmt: skip
     return sum(len(labels) for _, labels in loader)
 
@@ -148,12 +158,23 @@ def convert_litdata(photos: list[tuple[str, int]], out: str) -> None:
                      num_workers=1)  # fmt: skip
 
 
-def read_litdata(out: str, workers: int, batch: int, size: int) -> int:
+def read_litdata(source: Source, workers: int, batch: int, size: int) -> int:
     import litdata
+
+    remote: dict[str, Any] = {}
+    if source.remote:
+        # litdata fetches chunks with obstore, which refuses plain http unless told; a real
+        # S3 endpoint is https and needs no such option.
+        from litdata.streaming import downloader
+
+        downloader._OBSTORE_CLIENT_OPTIONS = {**downloader._OBSTORE_CLIENT_OPTIONS,
+                                              "allow_http": "true"}  # fmt: skip
+        remote = {"cache_dir": source.local,
+                  "storage_options": {"endpoint_url": source.endpoint}}  # fmt: skip
 
     class Photos(litdata.StreamingDataset):
         def __init__(self) -> None:
-            super().__init__(out, shuffle=True)
+            super().__init__(source.remote or source.local, shuffle=True, **remote)
             self.crop = PilCrop(size)
 
         def __getitem__(self, index: Any) -> Any:
@@ -164,6 +185,33 @@ def read_litdata(out: str, workers: int, batch: int, size: int) -> int:
     Photos.__qualname__ = Photos.__name__ = "LitdataPhotos"
     loader = litdata.StreamingDataLoader(Photos(), batch_size=batch, num_workers=workers)
     return sum(len(labels) for _, labels in loader)
+
+
+@dataclasses.dataclass
+class Source:
+    """Where a peer reads the converted set: ``local`` alone, or ``remote`` (s3://) through
+    ``endpoint`` with ``local`` as its cache."""
+
+    local: str
+    remote: str | None = None
+    endpoint: str | None = None
+
+
+def upload(directory: str, remote: str, endpoint: str) -> None:
+    import boto3
+
+    bucket, _, prefix = remote.removeprefix("s3://").partition("/")
+    client = boto3.client("s3", endpoint_url=endpoint)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except client.exceptions.ClientError:
+        client.create_bucket(Bucket=bucket)
+    for root, _, names in os.walk(directory):
+        for name in names:
+            if not name.startswith("."):
+                path = os.path.join(root, name)
+                key = f"{prefix}/{os.path.relpath(path, directory)}".lstrip("/")
+                client.upload_file(path, bucket, key)
 
 
 PEERS = {"streaming": (convert_streaming, read_streaming),
@@ -178,8 +226,13 @@ def main() -> None:
     arguments.add_argument("--workers", type=int, default=2)
     arguments.add_argument("--batch", type=int, default=64)
     arguments.add_argument("--size", type=int, default=224)
+    arguments.add_argument("--remote", help="s3://bucket/prefix to upload to and read from")
+    arguments.add_argument("--endpoint", help="the S3 endpoint reads go through")
+    arguments.add_argument("--upload-endpoint", help="the S3 endpoint the upload goes to")
     arguments.add_argument("--convert-only", action="store_true", help=argparse.SUPPRESS)
     args = arguments.parse_args()
+    if args.remote and not (args.endpoint and args.upload_endpoint):
+        arguments.error("--remote needs --endpoint and --upload-endpoint")
     photos = list_photos(args.photos)
     out = os.path.join(args.work, f"{args.peer}-{len(photos)}")
     convert, read = PEERS[args.peer]
@@ -196,9 +249,18 @@ def main() -> None:
         subprocess.run([sys.executable, __file__, "--convert-only", "--peer", args.peer,
                         "--photos", args.photos, "--work", args.work], check=True)  # fmt: skip
         convert_s = time.perf_counter() - started
-    started = time.perf_counter()
-    samples = read(out, args.workers, args.batch, args.size)
-    seconds = time.perf_counter() - started
+    source = Source(out)
+    if args.remote:
+        upload(out, args.remote, args.upload_endpoint)
+        cache = tempfile.mkdtemp(prefix=f"{args.peer}-cache-", dir=args.work)
+        source = Source(os.path.join(cache, "local"), args.remote, args.endpoint)
+    try:
+        started = time.perf_counter()
+        samples = read(source, args.workers, args.batch, args.size)
+        seconds = time.perf_counter() - started
+    finally:
+        if args.remote:
+            shutil.rmtree(cache, ignore_errors=True)
     print(json.dumps({"peer": args.peer, "samples": samples, "seconds": seconds,
                       "samples_per_s": samples / seconds, "convert_s": convert_s}))  # fmt: skip
 

@@ -11,10 +11,16 @@ decode workers (1, 2, 3) — ``tools/tune_io.py``'s search runs first, then ever
 the grid, each measured the same way (the loader alone for ``--trial-seconds`` after its
 first batch). Reports the search's best against the grid's best and its time against the
 grid's, in ``<out>/bench_tune.json`` and a PNG of both.
+
+Between the two, the runtime autotune (``data.autotune``) from the same bad config for
+``--autotune-seconds``: its rate with the ramp included, the changes it made, and the setting
+it reached measured alone. It turns storage knobs only, so the grid's best with one decode
+worker is its ceiling, reported beside it. ``--skip-grid`` stops after it (no report).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import sys
@@ -22,10 +28,17 @@ import time
 from typing import Any
 
 import _cli
-from _bench import prepare_photos, prepare_shards, rss_bytes, shaped_s3, write_report
-from tune_io import LoaderTrial
+from _bench import (
+    drive_loader,
+    prepare_photos,
+    prepare_shards,
+    rss_bytes,
+    shaped_s3,
+    upload_dataset,
+    write_report,
+)
+from tune_io import LoaderTrial, apply
 
-from dataflow import storage
 from dataflow.index import DatasetIndex
 from dataflow.pipeline import DataConfig
 from dataflow.storage import StorageConfig
@@ -67,11 +80,33 @@ def plot(search: list[tuple[float, float]], grid: list[tuple[float, float]], pat
     plt.close(figure)
 
 
+def runtime_autotune(data: DataConfig, store: StorageConfig, trial: LoaderTrial,
+                     seconds: float, quiet: bool) -> dict[str, Any]:  # fmt: skip
+    """The bad start with ``data.autotune`` on for ``seconds``: the rate with its ramp, the
+    changes it made, and the setting it reached measured alone as a trial. It tunes storage
+    knobs only, so its ceiling is the best setting with the start's one decode worker."""
+    if not quiet:
+        print("runtime autotune from the start config:", flush=True)
+    start, store = apply(BAD, data, store)
+    run = drive_loader(dataclasses.replace(start, autotune=True), store, seconds=seconds,
+                       warm_up=True)  # fmt: skip
+    report = run.metrics["autotune"]
+    reached = {"storage.connections": report["connections"],
+               "data.readahead_shards": report["readahead_shards"],
+               "data.fetch_workers": report["fetch_workers"]}  # fmt: skip
+    alone = trial({**BAD, **reached})
+    return {"seconds": run.seconds, "rate": run.samples / run.seconds, "changes": report["changes"],
+            "reached": reached, "reached_rate": alone.rate}  # fmt: skip
+
+
 def main() -> int:
     arguments = _cli.parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--count", type=int, default=3000)
     arguments.add_argument("--data-dir", default="/tmp/shardflow-bench/photos")
     arguments.add_argument("--trial-seconds", type=float, default=2.5)
+    arguments.add_argument("--autotune-seconds", type=float, default=20.0)
+    arguments.add_argument("--skip-grid", action="store_true",
+                           help="the search and the runtime autotune only (no report)")  # fmt: skip
     arguments.add_argument("--out", default=os.path.join(REPO, "reports"))
     args, _ = _cli.parse(arguments)
     prepare_photos(args.data_dir, args.count, args.quiet)
@@ -80,9 +115,7 @@ def main() -> int:
     with shaped_s3(LATENCY_S, BANDWIDTH) as (endpoint, proxy):
         direct = StorageConfig(endpoint_url=endpoint)
         url = "s3://bench-tune/photos"
-        storage.make_bucket(url, config=direct)
-        for path in ("index.json", *(p for s in index.shards for p in (s.path, s.table))):
-            storage.upload_file(os.path.join(shards, path), f"{url}/{path}", config=direct)
+        upload_dataset(shards, url, direct)
         store = StorageConfig(endpoint_url=proxy, connections=1)
         data = DataConfig(url=url, global_batch=64, readahead_shards=0, fetch_workers=1,
                           decode_workers=1)  # fmt: skip
@@ -96,10 +129,15 @@ def main() -> int:
                       estimate=lambda v: memory_estimate(v, workload))  # fmt: skip
         search_s = time.perf_counter() - began
         search = [(t.elapsed, t.measurement.rate) for t in result.trials if t.measurement]
+        autotuned = runtime_autotune(data, store, trial, args.autotune_seconds, args.quiet)
+        if args.skip_grid:
+            print(f"runtime autotune: {autotuned}")
+            return 0
         if not args.quiet:
             print("the exhaustive grid:", flush=True)
         grid: list[tuple[float, float]] = []
         grid_best: tuple[float, dict[str, Any]] = (0.0, {})
+        one_decoder: tuple[float, dict[str, Any]] = (0.0, {})
         clock, began = 0.0, time.perf_counter()
         for combination in itertools.product(*(k.values for k in KNOBS)):
             values = dict(zip((k.path for k in KNOBS), combination, strict=True))
@@ -108,6 +146,8 @@ def main() -> int:
             grid.append((clock, measured.rate))
             if measured.rate > grid_best[0]:
                 grid_best = (measured.rate, values)
+            if values["data.decode_workers"] == 1 and measured.rate > one_decoder[0]:
+                one_decoder = (measured.rate, values)
         grid_s = time.perf_counter() - began
     assert result.best.measurement is not None and result.start.measurement is not None
     found = result.best.measurement.rate
@@ -122,6 +162,8 @@ def main() -> int:
                  "seconds": grid_s},
         "fraction_of_grid_best": found / grid_best[0],
         "fraction_of_grid_time": search_s / grid_s,
+        "runtime_autotune": {**autotuned, "grid_best_one_decode_worker": one_decoder[0],
+                             "grid_best_one_decode_worker_setting": one_decoder[1]},
     }  # fmt: skip
     print(f"\nstart {result.start.measurement.rate:,.0f} samples/s; tune_io {found:,.0f} "
           f"({len(search)} settings, {search_s:.0f} s); grid best {grid_best[0]:,.0f} "
@@ -129,6 +171,11 @@ def main() -> int:
     print(f"tune_io reached {100 * found / grid_best[0]:.1f}% of the grid's best in "
           f"{100 * search_s / grid_s:.1f}% of its time")  # fmt: skip
     print(f"  tune_io: {result.best.values}\n  grid:    {grid_best[1]}")
+    print(f"runtime autotune (data.autotune, storage knobs; 1 decode worker): "
+          f"{autotuned['rate']:,.0f} samples/s over {autotuned['seconds']:.0f} s, ramp "
+          f"included; its last setting {autotuned['reached']} measured alone "
+          f"{autotuned['reached_rate']:,.0f}; the grid's best with 1 decode worker "
+          f"{one_decoder[0]:,.0f}")  # fmt: skip
     path = write_report(args.out, "bench_tune", __doc__, fields)
     plot(search, grid, os.path.join(args.out, "bench_tune.png"),
          f"from 1 connection, no read-ahead, 1 decode worker, behind 30 ms / 90 MB/s: "

@@ -26,6 +26,13 @@ class DataConfig:
     """Shards fetched ahead of the ones being decoded."""
     fetch_workers: int = 4
     """Shards fetched concurrently (each split into ranged GETs over storage.connections)."""
+    autotune: bool = False
+    """While running, raise read-ahead, fetch workers and storage.connections step by step
+    when the consumer stalls on storage (dataflow.pipeline.autotune); order and batches do not
+    change. The values reached are in metrics()["autotune"]."""
+    autotune_memory: ByteSize = 2 << 30
+    """With autotune: the most that fetched shards may hold, (shuffle_window + read-ahead) ×
+    the mean shard."""
     cache_dir: str = ""
     """Node-local shard cache shared by the processes of a node; empty: no disk cache."""
     cache_bytes: ByteSize = 20_000_000_000

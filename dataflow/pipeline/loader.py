@@ -25,6 +25,11 @@ Bad samples follow ``on_bad_sample``: raise with shard, key and offset, or skip 
 is one shorter; the skip is counted, logged and kept in the state so that a resumed run
 skips the same samples).
 
+With ``autotune``, a ``ReadAheadTuner`` watches the consumer's stall and the decoders' wait
+for shards after every batch, and raises read-ahead, the fetches in flight (a ``Gate`` in front
+of a pool sized for the most it may allow) and the storage connections while storage is what
+the consumer waits for (dataflow.pipeline.autotune).
+
 Epoch boundaries: with ``prefetch_next_epoch`` (the trainer sets it), once the producer has
 queued an epoch's last batch it starts the next epoch's pass, so shard fetches and decode
 for epoch e + 1 run while the trainer finishes epoch e (and evaluates); the next ``iter()``
@@ -36,6 +41,7 @@ waited for the pipeline to fill: 20–70 % stall spikes at every boundary of the
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
@@ -60,6 +66,7 @@ from dataflow.errors import DataError
 from dataflow.index import DatasetIndex
 from dataflow.metrics import PipelineMetrics
 from dataflow.order import EpochOrder, num_batches, rank_batch
+from dataflow.pipeline.autotune import Gate, ReadAheadTuner, Setting, Totals
 from dataflow.pipeline.buffers import BufferPool
 from dataflow.pipeline.config import DataConfig
 from dataflow.pipeline.decoding import BatchDecoder, Job
@@ -164,6 +171,20 @@ class Loader:
         self._audit_path = (
             os.path.join(config.out_dir, "audit", f"rank-{self.rank}.tsv") if config.audit else ""
         )
+        # What the producer and the fetch pool use; autotune raises them while running.
+        self.readahead = config.readahead_shards
+        self._fetch_gate = Gate(config.fetch_workers)
+        self.autotuner: ReadAheadTuner | None = None
+        if config.autotune:
+            connections = self.storage_config.connections
+            local = storage.is_local(self.root)  # local reads have no connections to add
+            self.autotuner = ReadAheadTuner(
+                Setting(config.readahead_shards, config.fetch_workers, connections),
+                shard_bytes=sum(s.bytes for s in self.index.shards) / len(self.index.shards),
+                shuffle_window=config.shuffle_window, memory_bytes=config.autotune_memory,
+                max_fetch_workers=max(16, config.fetch_workers),
+                max_connections=connections if local else max(32, connections),
+            )  # fmt: skip
         self._active: _Run | None = None
         self._next: _Run | None = None  # the next epoch's pass, started ahead
         self._next_lock = threading.Lock()
@@ -243,7 +264,10 @@ class Loader:
 
     def metrics(self) -> dict[str, Any]:
         self.metrics_.refetched = self._fetcher.refetched
-        return self.metrics_.snapshot()
+        snapshot = self.metrics_.snapshot()
+        if self.autotuner is not None:
+            snapshot["autotune"] = self.autotuner.report()
+        return snapshot
 
     def __iter__(self) -> Iterator[Batch]:
         if self.step >= len(self):
@@ -284,6 +308,29 @@ class Loader:
         with self._next_lock:
             if self._next is None and not finished.stop.is_set():
                 self._next = _Run(self, finished.epoch + 1, 0)
+
+    def _fetch(self, shard: int) -> ShardView:
+        with self._fetch_gate:
+            return self._fetcher.fetch(shard)
+
+    def _autotune(self) -> None:
+        """After each delivered batch: let the tuner look, and apply what it decides."""
+        if self.autotuner is None:
+            return
+        metrics, decode = self.metrics_, self._decode_stage
+        change = self.autotuner.observe(Totals(
+            elapsed_s=time.perf_counter() - metrics.started, batches=metrics.batches,
+            stall_s=metrics.stall_s, decode_busy_s=decode.busy_s,
+            decode_wait_in_s=decode.wait_in_s,
+        ))  # fmt: skip
+        if change is None:
+            return
+        after = change.after
+        self.readahead = after.readahead_shards
+        self._fetch_gate.set_limit(after.fetch_workers)
+        self._fetch_stage.workers = after.fetch_workers
+        self._fetcher.config = dataclasses.replace(self._fetcher.config,
+                                                   connections=after.connections)  # fmt: skip
 
     def _lower_priority(self) -> None:
         """Run the calling loader thread at data.thread_nice (a no-op when it is 0)."""
@@ -330,8 +377,10 @@ class _Run:
         self.start_step = start_step
         self.stop = threading.Event()
         self.decoder = BatchDecoder(loader, epoch, self.stop)
+        tuner = loader.autotuner
         self.fetch_pool = concurrent.futures.ThreadPoolExecutor(
-            config.fetch_workers, thread_name_prefix="shardflow-fetch",
+            tuner.max_fetch_workers if tuner else config.fetch_workers,
+            thread_name_prefix="shardflow-fetch",
             initializer=loader._lower_priority,
         )  # fmt: skip
         self.decode_pool = concurrent.futures.ThreadPoolExecutor(
@@ -355,7 +404,7 @@ class _Run:
     def _view(self, shard: int) -> concurrent.futures.Future[ShardView]:
         future = self.views.get(shard)
         if future is None:
-            future = self.fetch_pool.submit(self.loader._fetcher.fetch, shard)
+            future = self.fetch_pool.submit(self.loader._fetch, shard)
             self.views[shard] = future
         return future
 
@@ -366,7 +415,7 @@ class _Run:
         last_position = min(total - 1, (step + 1) * config.global_batch - 1)
         last_block = int(np.searchsorted(self.order.block_starts, last_position, "right") - 1)
         needed_until = min(len(self.order.shard_order), (last_block + 1) * self.order.window)
-        target = min(len(self.order.shard_order), needed_until + config.readahead_shards)
+        target = min(len(self.order.shard_order), needed_until + self.loader.readahead)
         while self.scheduled_until < target:
             self._view(int(self.order.shard_order[self.scheduled_until]))
             self.scheduled_until += 1
@@ -457,6 +506,7 @@ class _Run:
                 loader.skipped.append(skip)
                 loader._skip_keys.add(skip[:2])
             loader.metrics_.count(skipped=len(job.skips))
+            loader._autotune()
             self._flush_audit()
             loader.step = job.step + 1
             self.pending_audit = (job.step, [k for k, v in zip(batch["__key__"],

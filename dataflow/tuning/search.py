@@ -8,7 +8,7 @@ Each round measures the current setting and reads which stage is the bottleneck;
 2. when a step up that would pay does not fit the memory budget: the same step with another
    knob, of any stage, stepped down until it fits (more connections for smaller ranges, or
    for fewer prefetched batches); if none gains at once, the best of them gets one pass of
-   single steps around it;
+   single steps around it, a step that does not fit paid for by another knob one step down;
 3. when no single knob gains: all of the bottleneck stage's knobs one step up together —
    limits that hold each other back (connections capped by the shards in flight, those by
    read-ahead) give way only jointly.
@@ -138,7 +138,7 @@ def tune(
                         if estimate(traded) <= memory_budget:
                             options.append((traded, f"{up.path} up {steps}, {down.path} down"))
                             break
-        tried = []
+        tried, first_new = [], len(trials)
         for values, change in options:
             if clock >= budget_s:
                 break
@@ -147,7 +147,7 @@ def tune(
                 candidate.accepted = True
                 current = candidate
                 return True
-            if fits(candidate):
+            if fits(candidate) and candidate.number >= first_new:  # settings left before
                 tried.append(candidate)
         # None gains at once; the best of them may, once the knobs it stepped down are
         # re-balanced around it (one pass of single steps from there).
@@ -161,14 +161,30 @@ def tune(
                 for j in moves:
                     if clock >= budget_s or not 0 <= j < len(knob.values):
                         continue
-                    moved = run({**point.values, knob.path: knob.values[j]}, knob.path)
-                    if better(moved, point, 0.0):
-                        point = moved
+                    for values in fitted({**point.values, knob.path: knob.values[j]}, knob):
+                        moved = run(values, knob.path)
+                        if better(moved, point, 0.0):
+                            point = moved
+                            break
             if better(point, current):
                 candidate.accepted = point.accepted = True
                 current = point
                 return True
         return False
+
+    def fitted(values: dict[str, Any], moved: Knob) -> list[dict[str, Any]]:
+        """``values`` if within the memory budget; else each way one other knob one step
+        down makes it fit (a step up that must be paid for, when re-balancing a trade)."""
+        if estimate(values) <= memory_budget:
+            return [values]
+        variants = []
+        for knob in knobs:
+            j = index_of(knob, values)
+            if knob is not moved and j is not None and j > 0:
+                lowered = {**values, knob.path: knob.values[j - 1]}
+                if estimate(lowered) <= memory_budget:
+                    variants.append(lowered)
+        return variants
 
     def better(candidate: Trial, than: Trial, gain: float | None = None) -> bool:
         assert than.measurement is not None

@@ -512,7 +512,7 @@ def main() -> int:
     plot_bars(list(results), list(results.values()), os.path.join(args.out, "bench_peers.png"),
               title, "samples/s")  # fmt: skip
     if from_s3:
-        s3_title = f"{title}, from S3 (30 ms first byte, 90 MB/s per connection)"
+        s3_title = f"{title}\nfrom S3 behind 30 ms to first byte, 90 MB/s per connection"
         plot_bars(list(from_s3), list(from_s3.values()),
                   os.path.join(args.out, "bench_peers_s3.png"), s3_title, "samples/s")  # fmt: skip
     print(f"wrote {args.out}/bench_peers.json and {args.out}/bench_peers*.png")

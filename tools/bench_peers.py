@@ -315,12 +315,8 @@ def run_s3(
     """Every shard read once through the shaping proxy: sequential vs ours (concurrent)."""
     index = DatasetIndex.load(shards_root)
     with shaped_s3(latency_s, bandwidth) as (endpoint, proxy):
-        direct = StorageConfig(endpoint_url=endpoint)
         bucket = "s3://bench-io"
-        storage.make_bucket(bucket, config=direct)
-        for shard in index.shards:
-            storage.upload_file(os.path.join(shards_root, shard.path), f"{bucket}/{shard.path}",
-                                config=direct)  # fmt: skip
+        upload_dataset(shards_root, bucket, StorageConfig(endpoint_url=endpoint))
         urls = [(f"{bucket}/{s.path}", s.bytes) for s in index.shards]
         total = sum(size for _, size in urls)
         biggest = max(size for _, size in urls)

@@ -16,9 +16,9 @@
  * The scanlines go straight into ``out`` (a writable buffer the caller keeps, e.g. one per
  * thread): rows of ``stride`` pixels, the crop starting ``shift`` pixels in, so the crop is
  * out[:rows*stride*3] seen as rows × stride × 3, columns shift:shift+cols. No allocation, no
- * copy: returning a fresh ~0.5 MB bytes object per image cost page faults and two copies. ``out`` needs rows × (cols + 32) × 3 bytes at
- * most (the row is widened to the iMCU boundary on the left); a smaller one raises
- * ValueError before anything is written.
+ * copy: returning a fresh ~0.5 MB bytes object per image cost page faults and two copies.
+ * ``out`` needs rows × (cols + 32) × 3 bytes at most (the row is widened to the iMCU
+ * boundary on the left); a smaller one raises ValueError before anything is written.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

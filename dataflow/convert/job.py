@@ -186,7 +186,7 @@ def make_plan(source: Source, config: ConvertConfig) -> Plan:
     digest = xxhash.xxh64()
     settings = (
         config.format, config.row_group_rows, config.on_bad_input, config.validate_images,
-        config.allow_pickle, [asdict(f) for f in fields],
+        config.jpeg_row_restarts, config.allow_pickle, [asdict(f) for f in fields],
     )  # fmt: skip
     digest.update(json.dumps(settings).encode())
     for shard in shards:

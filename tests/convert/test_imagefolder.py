@@ -150,7 +150,8 @@ def test_parquet_output_from_images(photo_folder: Path, tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_convert_to_s3_and_verify_there(photo_folder: Path, s3) -> None:  # type: ignore[no-untyped-def]
     output = f"{s3.url}/photos"
-    config = ConvertConfig(input=str(photo_folder), output=output, max_shard_samples=16, workers=2)
+    config = ConvertConfig(input=str(photo_folder), output=output, max_shard_samples=16,
+                           workers=2, jpeg_row_restarts=False)  # fmt: skip
     report = convert(config, s3.config, progress=False)
     assert report.samples == 60 and report.index_written
     index = DatasetIndex.load(output, config=s3.config)
@@ -178,6 +179,38 @@ def test_input_from_s3(photo_folder: Path, s3, tmp_path: Path) -> None:  # type:
     local = run(photo_folder, tmp_path / "local", workers=1)
     remote = DatasetIndex.load(str(tmp_path / "out"))
     assert [s.checksum for s in remote.shards] == [s.checksum for s in local.shards]
+
+
+def stored_images(output: Path, index: DatasetIndex) -> dict[str, bytes]:
+    images = {}
+    for shard in index.shards:
+        with tarfile.open(output / shard.path) as archive:
+            for member in archive:
+                if member.name.endswith(".jpg"):
+                    images[member.name[:-4]] = archive.extractfile(member).read()  # type: ignore[union-attr]
+    return images
+
+
+def test_jpegs_get_a_restart_marker_per_row_and_keep_their_pixels(
+    small_photo_copy: Path, tmp_path: Path
+) -> None:
+    truncated = sorted(small_photo_copy.rglob("*.jpg"))[5]
+    truncated.write_bytes(truncated.read_bytes()[:4000])
+    source = source_images(small_photo_copy)
+    index = run(small_photo_copy, tmp_path / "out", workers=2, validate_images="none")
+    stored = stored_images(tmp_path / "out", index)
+    assert stored.keys() == source.keys()
+    for key, data in stored.items():
+        original = source[key][0]
+        if key == truncated.relative_to(small_photo_copy).with_suffix("").as_posix():
+            assert data == original  # unreadable past its header: stored as it came
+            continue
+        assert b"\xff\xdd\x00\x04" in data and b"\xff\xdd" not in original  # DRI added
+        assert len(data) <= len(original) + 511  # within the tar block the plan counted
+        np.testing.assert_array_equal(decode_image(data), decode_image(original))
+    plain = run(small_photo_copy, tmp_path / "plain", workers=1, validate_images="none",
+                jpeg_row_restarts=False)  # fmt: skip
+    assert stored_images(tmp_path / "plain", plain) == {k: v[0] for k, v in source.items()}
 
 
 def test_decoded_pixels_survive(photo_folder: Path, tmp_path: Path) -> None:

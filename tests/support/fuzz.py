@@ -43,13 +43,17 @@ SAMPLES = 8
 
 # -- the valid material ----------------------------------------------------------------------
 def _jpeg(rng: np.random.Generator, height: int, width: int) -> bytes:
+    """A JPEG as conversion stores it: with a restart marker per row of blocks, so the
+    loader's crops below the second row take the decoder's cut of the stream."""
     from PIL import Image
+
+    from dataflow.decode.image import add_row_restarts, can_add_row_restarts
 
     base = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
     pixels = np.kron(base, np.ones((8, 8, 1), np.uint8))[:height, :width]
     out = io.BytesIO()
     Image.fromarray(pixels).save(out, format="JPEG", quality=85)
-    return out.getvalue()
+    return add_row_restarts(out.getvalue()) if can_add_row_restarts() else out.getvalue()
 
 
 def sample_members(seed: int, shard: int) -> list[tuple[str, bytes]]:
@@ -58,7 +62,7 @@ def sample_members(seed: int, shard: int) -> list[tuple[str, bytes]]:
     members = []
     for number in range(SAMPLES):
         key = f"s{shard:02d}-{number:03d}"
-        members.append((f"{key}.jpg", _jpeg(rng, int(rng.integers(40, 90)),
+        members.append((f"{key}.jpg", _jpeg(rng, int(rng.integers(40, 160)),
                                               int(rng.integers(40, 90)))))  # fmt: skip
         members.append((f"{key}.cls", str(int(rng.integers(0, 10))).encode()))
         members.append((f"{key}.json", json.dumps({"n": number}).encode()))
@@ -221,6 +225,33 @@ def _tar_mutations() -> dict[str, Callable[[bytes, list[tuple[str, bytes]], rand
         chosen = rng.randrange(len(members))
         return pack(members[:chosen] + members[chosen + 1 :])
 
+    def damaged_scan(_: bytes, members: list[tuple[str, bytes]], rng: random.Random) -> bytes:
+        """A JPEG's coded rows damaged: bits flipped, a restart marker renumbered, removed
+        or made up, fill bytes inserted, or the restart interval in its header changed."""
+        name, jpeg = rng.choice([m for m in members if m[0].endswith(".jpg")])
+        data = bytearray(jpeg)
+        scan = data.find(b"\xff\xda")
+        markers = [n for n in range(scan, len(data) - 1)
+                   if data[n] == 0xFF and 0xD0 <= data[n + 1] <= 0xD7]  # fmt: skip
+        for _ in range(rng.randint(1, 3)):
+            edit = rng.randrange(5)
+            if edit == 0 or not markers:
+                data[rng.randrange(scan, len(data))] ^= 1 << rng.randrange(8)
+            elif edit == 1:
+                data[rng.choice(markers) + 1] = 0xD0 + rng.randrange(8)
+            elif edit == 2:
+                at = rng.choice(markers)
+                data[at : at + 2] = b""
+                markers = [m - 2 if m > at else m for m in markers if m != at]
+            elif edit == 3:
+                at = rng.randrange(scan, len(data))
+                data[at:at] = rng.choice([b"\xff\xd3", b"\xff" * rng.randint(1, 9)])
+            else:
+                at = data.find(b"\xff\xdd")
+                if at >= 0:
+                    data[at + 4 : at + 6] = rng.randrange(65536).to_bytes(2, "big")
+        return pack([(n, bytes(data) if n == name else d) for n, d in members])
+
     def early_end(data: bytes, _: Any, rng: random.Random) -> bytes:
         start = rng.choice(_header_spans(data))[0]
         return data[:start] + b"\0" * BLOCK + data[start:]
@@ -228,7 +259,7 @@ def _tar_mutations() -> dict[str, Callable[[bytes, list[tuple[str, bytes]], rand
     return {f.__name__: f for f in (
         truncate, flip_header, flip_header_field, flip_payload, huge_size, base256_size,
         duplicate_key, escaping_name, link_member, pax_header, image_bomb, hostile_value,
-        missing_field, early_end,
+        damaged_scan, missing_field, early_end,
     )}  # fmt: skip
 
 

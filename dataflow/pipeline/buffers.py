@@ -25,8 +25,12 @@ class BufferPool:
         self._lock = threading.Lock()
         self._buffers: list[tuple[np.ndarray, weakref.ref[np.ndarray] | None]] = []
 
-    def array(self, shape: tuple[int, ...], dtype: type = np.uint8) -> np.ndarray:
-        """A fresh ndarray of ``shape`` on memory nobody else is using."""
+    def array(
+        self, shape: tuple[int, ...], dtype: type = np.uint8, *, reserve: int = 0
+    ) -> np.ndarray:
+        """A fresh ndarray of ``shape`` on memory nobody else is using. A new buffer gets at
+        least ``reserve`` bytes, so requests of varying size (shards) fit any free one and
+        the pool stays as small as the most arrays alive at once."""
         need = int(np.prod(shape)) * np.dtype(dtype).itemsize
         with self._lock:
             for position, (memory, user) in enumerate(self._buffers):
@@ -34,11 +38,12 @@ class BufferPool:
                     view: np.ndarray = memory[:need].view(dtype).reshape(shape)
                     self._buffers[position] = (memory, weakref.ref(view))
                     return view
+            size = max(need, reserve)
             if self.pinned:
-                memory = torch.empty(need, dtype=torch.uint8, pin_memory=True).numpy()
+                memory = torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
             else:
-                memory = np.empty(need, dtype=np.uint8)
-            view = memory.view(dtype).reshape(shape)
+                memory = np.empty(size, dtype=np.uint8)
+            view = memory[:need].view(dtype).reshape(shape)
             self._buffers.append((memory, weakref.ref(view)))
             return view
 

@@ -28,6 +28,7 @@ from dataflow.index import (
     sample_digest,
 )
 from dataflow.metrics import StageMetrics
+from dataflow.pipeline.buffers import BufferPool
 from dataflow.storage import StorageConfig
 from dataflow.storage.cache import ShardCache
 
@@ -40,7 +41,8 @@ class ShardView:
 
     number: int
     entry: ShardEntry
-    data: bytes | bytearray
+    data: bytes | bytearray | memoryview
+    """The shard's bytes; local shards come in pooled memory (``ShardFetcher``)."""
     table: SampleTable
     bad: dict[int, str] = field(default_factory=dict)
     """Row → reason, for samples that failed their checks (or all rows of a lost shard)."""
@@ -81,6 +83,11 @@ class ShardFetcher:
         self.skip_bad = skip_bad
         self._tables: dict[int, SampleTable] = {}
         self.refetched = 0
+        # Local shards are read into reused memory: a fresh ~9 MB block per shard cost a page
+        # fault and a zeroed page every 4 KB, 5 % of the loader's CPU. A buffer is free again
+        # once nothing (no ShardView, no sample memoryview) refers to it.
+        self._buffers = BufferPool()
+        self._largest = max((shard.bytes for shard in index.shards), default=0)
 
     def table(self, number: int) -> SampleTable:
         table = self._tables.get(number)
@@ -89,11 +96,15 @@ class ShardFetcher:
             self._tables[number] = table
         return table
 
-    def _read(self, url: str, size: int, *, use_cache: bool) -> bytes:
+    def _read(self, url: str, size: int, *, use_cache: bool) -> bytes | memoryview:
         def fetch() -> bytes:
             return storage.read_range(url, 0, size, config=self.config)
 
-        if self.cache is not None and use_cache and not storage.is_local(url):
+        if storage.is_local(url):
+            data = self._buffers.array((size,), reserve=self._largest)
+            storage.read_into(url, 0, data, config=self.config)
+            return data.data  # a memoryview that keeps the pooled array in use
+        if self.cache is not None and use_cache:
             return self.cache.get(url, fetch)
         return fetch()
 
@@ -103,7 +114,7 @@ class ShardFetcher:
         with self.metrics.busy(items=1, nbytes=entry.bytes):
             table = self.table(number)
             try:
-                data: bytes | bytearray = self._read(url, entry.bytes, use_cache=True)
+                data: bytes | memoryview = self._read(url, entry.bytes, use_cache=True)
             except storage.StorageError as error:
                 return self._lost(number, entry, table, f"unreadable: {error}")
             if len(data) == entry.bytes and checksum(data) == entry.checksum:

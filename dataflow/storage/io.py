@@ -295,23 +295,49 @@ async def _s3_read_range(
 
 
 def _local_read_range(path: str, start: int, end: int | None, config: StorageConfig) -> bytes:
-    block = config.block_size
     with open(path, "rb", buffering=0) as handle:
         if end is None:
             end = os.fstat(handle.fileno()).st_size
-        length = max(0, end - start)
-        out = bytearray(length)
-        view = memoryview(out)
-        done = 0
-        while done < length:
-            position = start + done
-            # Align each read's end to a block boundary: whole stripes per request.
-            step = min(length - done, block - position % block)
-            count = os.preadv(handle.fileno(), [view[done : done + step]], position)
-            if count == 0:
-                raise EOFError(f"{path} ends at byte {position}, before {end}")
-            done += count
+        out = bytearray(max(0, end - start))
+        _local_read_into(handle.fileno(), path, start, memoryview(out), config)
         return bytes(out)
+
+
+def _local_read_into(
+    descriptor: int, path: str, start: int, view: memoryview, config: StorageConfig
+) -> None:
+    block = config.block_size
+    done, length = 0, len(view)
+    while done < length:
+        position = start + done
+        # Align each read's end to a block boundary: whole stripes per request.
+        step = min(length - done, block - position % block)
+        count = os.preadv(descriptor, [view[done : done + step]], position)
+        if count == 0:
+            raise EOFError(f"{path} ends at byte {position}, before {start + length}")
+        done += count
+
+
+def read_into(url: str, start: int, buffer: Any, *, config: StorageConfig | None = None) -> None:
+    """Fill ``buffer`` (writable, e.g. a uint8 ndarray) with the object's bytes from
+    ``start``. Local files are read straight into it: a caller that reuses its buffers
+    spares the kernel zeroing fresh pages for every shard (5 % of the loader's CPU time
+    here). Other stores read as ``read_range`` does, then copy once."""
+    config = config or _DEFAULT_CONFIG
+    view = memoryview(buffer).cast("B")
+    if not is_local(url):
+        data = read_range(url, start, start + len(view), config=config)
+        if len(data) != len(view):
+            short = EOFError(f"the object ends at byte {start + len(data)}")
+            raise _fail(url, short, 1, (start, start + len(view)))
+        view[:] = data
+        return
+    path = local_path(url)
+    try:
+        with open(path, "rb", buffering=0) as handle:
+            _local_read_into(handle.fileno(), path, start, view, config)
+    except (OSError, EOFError) as error:
+        raise _fail(url, error, 1, (start, start + len(view))) from error
 
 
 def read_range(

@@ -53,3 +53,38 @@ def test_loader_batches_never_share_memory_while_held(tmp_path) -> None:  # type
     assert len(held) == 5
     for kept, fresh in zip(held, copies, strict=True):
         assert torch.equal(kept, fresh), "a held batch was overwritten by a later one"
+
+
+def test_shard_memory_is_reused_across_epochs(photos: str) -> None:
+    """Local shards are read into pooled buffers; once an epoch's views are gone the next
+    epoch reads into the same memory, and the batches are what fresh memory would give."""
+    from dataflow import storage
+    from dataflow.pipeline import DataConfig, Loader
+    from dataflow.pipeline import shards as shard_module
+
+    config = DataConfig(url=photos, global_batch=4, image_size=16, shuffle_window=2,
+                        readahead_shards=1, fetch_workers=1, prefetch_batches=1)  # fmt: skip
+    loader = Loader(config, rank=0, world_size=1)
+    pooled = []
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        pooled.append([batch["image"].clone() for batch in loader])
+    buffers = len(loader._fetcher._buffers)
+    loader.close()
+    assert 0 < buffers <= 2 + 1 + 1 + 1, buffers  # window + read-ahead + fetch in flight + 1
+    assert buffers < 9  # the dataset has 9 shards: memory was reused within the epoch too
+
+    def read_fresh(self: object, url: str, size: int, *, use_cache: bool) -> bytes:
+        return storage.read_range(url, 0, size)
+
+    original = shard_module.ShardFetcher._read
+    shard_module.ShardFetcher._read = read_fresh  # type: ignore[method-assign,assignment]
+    try:
+        fresh = Loader(config, rank=0, world_size=1)
+        for epoch in range(3):
+            fresh.set_epoch(epoch)
+            batches = [batch["image"] for batch in fresh]
+            assert all(torch.equal(a, b) for a, b in zip(pooled[epoch], batches, strict=True))
+        fresh.close()
+    finally:
+        shard_module.ShardFetcher._read = original  # type: ignore[method-assign]

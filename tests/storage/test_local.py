@@ -26,6 +26,7 @@ from dataflow.storage import (
     open_write,
     protocol_of,
     read_bytes,
+    read_into,
     read_range,
     read_ranges,
     redact,
@@ -87,6 +88,24 @@ def test_read_range_is_exact_across_block_boundaries(
         assert read_range(url, start, None, config=config) == data[start:], start
     assert read_bytes(url, config=config) == data
     assert read_ranges(url, ranges[:20], config=config) == [data[s:e] for s, e in ranges[:20]]
+
+
+def test_read_into_fills_the_callers_buffer_exactly(data_file: tuple[Path, bytes]) -> None:
+    import numpy as np
+
+    path, data = data_file
+    config = StorageConfig(block_size=BLOCK)
+    rng = random.Random(12)
+    buffer = np.full(FILE_SIZE + 8, 0xAB, np.uint8)  # reused, like the loader's pool
+    for start, length in [(0, FILE_SIZE), (BLOCK - 1, 2), (7, 3 * BLOCK)] + [
+        (s, rng.randrange(0, FILE_SIZE - s + 1)) for s in rng.sample(range(FILE_SIZE), 50)
+    ]:
+        read_into(str(path), start, buffer[:length], config=config)
+        assert buffer[:length].tobytes() == data[start : start + length], (start, length)
+    assert buffer[FILE_SIZE:].tolist() == [0xAB] * 8  # nothing written past the view
+    with pytest.raises(StorageError, match="bytes \\[" + str(FILE_SIZE - 5)) as caught:
+        read_into(str(path), FILE_SIZE - 5, buffer[:10], config=config)
+    assert str(path) in str(caught.value)
 
 
 def test_read_range_rejects_bad_ranges(data_file: tuple[Path, bytes]) -> None:

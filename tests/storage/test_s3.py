@@ -30,6 +30,7 @@ from dataflow.storage import (
     open_read,
     open_write,
     read_bytes,
+    read_into,
     read_range,
     read_ranges,
     remove,
@@ -84,6 +85,11 @@ def test_write_read_list_remove(s3: S3Bucket) -> None:
     assert read_range(url, 12_345, 67_890, config=config) == data[12_345:67_890]
     assert read_range(url, 99_990, None, config=config) == data[99_990:]
     assert read_range(url, 500, 500, config=config) == b""
+    buffer = bytearray(1000)
+    read_into(url, 40_000, buffer, config=config)
+    assert buffer == data[40_000:41_000]
+    with pytest.raises(StorageError, match="has only 100000 bytes"):
+        read_into(url, 99_500, buffer, config=config)
     with open_read(url, config=config) as handle:
         handle.seek(50_000)
         assert handle.read(10) == data[50_000:50_010]

@@ -226,15 +226,19 @@ def write_report(out: str, name: str, method: str | None, fields: dict[str, Any]
     return path
 
 
-def prepare_shards(photos: str, shards: str, count: int) -> str:
+def prepare_shards(photos: str, shards: str, count: int, *, row_restarts: bool = True) -> str:
+    """The photos converted to tar shards at ``shards`` (JPEGs with a restart marker per
+    row unless ``row_restarts`` is False), written unless already there as asked."""
     try:
-        if DatasetIndex.load(shards).num_samples == count:
+        index = DatasetIndex.load(shards)
+        if index.num_samples == count and (
+            index.metadata.get("jpeg_row_restarts", False) == row_restarts
+        ):
             return shards
     except Exception:
         pass
-    config = ConvertConfig(
-        input=photos, output=shards, max_shard_samples=256, workers=0, overwrite=True
-    )
+    config = ConvertConfig(input=photos, output=shards, max_shard_samples=256, workers=0,
+                           overwrite=True, jpeg_row_restarts=row_restarts)  # fmt: skip
     convert(config, progress=False)
     return shards
 

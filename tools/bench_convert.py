@@ -6,8 +6,12 @@
 Every method turns the same ImageNet-like image folder into ~64 MB shards on local disk, in
 one run, pinned to the same ``--cores`` CPUs (default 2):
 
-    ours (decode)           dataflow.convert.job.convert, workers = cores, shuffled, every
-                            JPEG decoded at 1/8 scale to prove it is readable (the default)
+    ours (decode + row      dataflow.convert.job.convert as by default: workers = cores,
+      restarts)             shuffled, every JPEG's coefficients copied into one with a
+                            restart marker per row (which reads every coded byte: the
+                            proof that it decodes)
+    ours (decode)           jpeg_row_restarts = false: every JPEG decoded at 1/8 scale to
+                            prove it is readable, its bytes stored as they are
     ours (no validation)    the same with validate_images="none": the peers' amount of work
     webdataset 1 process    the documented ShardWriter loop: read each file's bytes,
                             sink.write({"__key__", "jpg", "cls"}), as users write it
@@ -122,13 +126,17 @@ print(json.dumps({"seconds": time.perf_counter() - started}))
 """
 
 
-def run_ours(data_dir: str, output: str, *, workers: int, validate: str, expected: int) -> Result:
-    method = f"ours ({'decode' if validate == 'decode' else 'no validation'})"
+def run_ours(
+    data_dir: str, output: str, *, workers: int, validate: str, restarts: bool, expected: int
+) -> Result:
+    method = "ours (" + ("no validation" if validate == "none" else validate)
+    method += " + row restarts)" if restarts else ")"
     config = {
         "input": data_dir,
         "output": output,
         "workers": workers,
         "validate_images": validate,
+        "jpeg_row_restarts": restarts,
         "shuffle": True,
         "seed": SEED,
         "max_shard_bytes": SHARD_BYTES,
@@ -242,10 +250,10 @@ def ratios(results: list[Result]) -> dict[str, dict[str, float]]:
 
 def print_table(results: list[Result], count: int, cores: int) -> None:
     print(f"\n{count} photos, {cores} cores, best of the runs:")
-    print(f"{'method':<24} {'seconds':>8} {'images/s':>9} {'shards':>6} {'output':>10}")
+    print(f"{'method':<30} {'seconds':>8} {'images/s':>9} {'shards':>6} {'output':>10}")
     for r in results:
         print(
-            f"{r.method:<24} {r.seconds:>8.2f} {r.images_per_second:>9.0f} {r.shards:>6} "
+            f"{r.method:<30} {r.seconds:>8.2f} {r.images_per_second:>9.0f} {r.shards:>6} "
             f"{format_bytes(r.bytes):>10}"
         )
     for r in results:
@@ -301,10 +309,15 @@ def main() -> int:
     output = os.path.join(scratch, "dataset")
 
     methods: list[tuple[str, Callable[[], Result]]] = [
+        ("ours (decode + row restarts)", lambda: run_ours(
+            data_dir, output, workers=workers, validate="decode", restarts=True,
+            expected=len(files))),
         ("ours (decode)", lambda: run_ours(
-            data_dir, output, workers=workers, validate="decode", expected=len(files))),
+            data_dir, output, workers=workers, validate="decode", restarts=False,
+            expected=len(files))),
         ("ours (no validation)", lambda: run_ours(
-            data_dir, output, workers=workers, validate="none", expected=len(files))),
+            data_dir, output, workers=workers, validate="none", restarts=False,
+            expected=len(files))),
         ("webdataset 1 process", lambda: run_webdataset(
             data_dir, output, processes=1, expected=len(files))),
         (f"webdataset {workers} processes", lambda: run_webdataset(
@@ -354,7 +367,12 @@ def main() -> int:
         "workers": workers,
         "repeat": args.repeat,
         "max_shard_bytes": SHARD_BYTES,
-        "ours": {"shuffle": True, "validate_images": ["decode", "none"], "format": "tar"},
+        "ours": {
+            "shuffle": True,
+            "validate_images": ["decode", "none"],
+            "format": "tar",
+            "jpeg_row_restarts": [True, False],
+        },
         "webdataset": {"maxsize": SHARD_BYTES, "members": ["jpg", "cls"], "start": "fork"},
         "litdata": {"chunk_bytes": SHARD_BYTES, "fn": "{image: bytes, label: int}"},
         "skipped": skipped,

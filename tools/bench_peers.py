@@ -9,7 +9,11 @@ ImageNet-like set of real-photo JPEGs (~33 KB; dataflow.datasets.write_photo_fol
 converted once to tar shards, every method doing decode + random-resized-crop 224 + flip:
 
     ours                        dataflow.Loader (threads: decode_workers from [data], 2 by
-                                default), one full epoch from local shards
+                                default), the best of --repeat epochs of one Loader, from
+                                local shards converted with a JPEG restart marker per row
+                                (a crop's decode starts at its row)
+    ours, shards without row    the same from shards converted with jpeg_row_restarts =
+      restarts                  false (the source JPEGs' bytes as they are)
     reference × cores           the fastest in-process loop we can write, no I/O: bytes
                                 already in memory, simplejpeg decode + OpenCV crop-resize +
                                 flip on one core, multiplied by the number of cores
@@ -85,11 +89,19 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The three loaders
 
 
-def run_ours(config: DataConfig, storage_config: StorageConfig) -> tuple[float, int, Loader]:
+def run_ours(
+    config: DataConfig, storage_config: StorageConfig, epochs: int
+) -> tuple[float, Loader]:
+    """The best samples/s over ``epochs`` epochs of one Loader, as a training run uses it
+    (from the second epoch on, local shards are read into the memory of the first)."""
     loader = Loader(config, storage_config, rank=0, world_size=1)
-    started = time.perf_counter()
-    samples = sum(len(batch["__key__"]) for batch in loader)
-    return samples / (time.perf_counter() - started), samples, loader
+    best = 0.0
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        started = time.perf_counter()
+        samples = sum(len(batch["__key__"]) for batch in loader)
+        best = max(best, samples / (time.perf_counter() - started))
+    return best, loader
 
 
 def run_reference(photos: list[bytes], size: int) -> float:
@@ -273,7 +285,7 @@ def run_loaders_from_s3(
         upload_dataset(shards, url, StorageConfig(endpoint_url=endpoint))
         through = dataclasses.replace(store, endpoint_url=proxy)
         remote = dataclasses.replace(data, url=url)
-        rates["ours"] = max(run_ours(remote, through)[0] for _ in range(repeat))
+        rates["ours"] = run_ours(remote, through, repeat)[0]
         say(f"  ours: {rates['ours']:.0f} samples/s")
         index = DatasetIndex.load(shards)
         urls = presigned_urls(url, [s.path for s in index.shards], proxy)
@@ -288,8 +300,8 @@ def run_loaders_from_s3(
                 say(f"  {name}: {rates[name]:.0f} samples/s")
         if dali:
             name = "ours (DALI CPU decode)"
-            rates[name] = max(run_ours(dataclasses.replace(remote, decode_backend="dali"),
-                                       through)[0] for _ in range(repeat))  # fmt: skip
+            rates[name] = run_ours(dataclasses.replace(remote, decode_backend="dali"), through,
+                                   repeat)[0]  # fmt: skip
             say(f"  {name}: {rates[name]:.0f} samples/s")
             name = "DALI's own pipeline"
             os.environ["AWS_ENDPOINT_URL"] = proxy  # DALI's S3 reader (the AWS SDK) reads it
@@ -351,12 +363,17 @@ def run_s3(
 # ---------------------------------------------------------------------------------------------
 
 
+PLAIN = "ours (shards converted without row restarts)"
+
+
 def ratios_of(rates: dict[str, float]) -> dict[str, float]:
     """Ours over each peer; ours with DALI decode over DALI's own pipeline and its ceiling."""
     if "ours" not in rates:
         return {}
     ratios = {f"ours ÷ {name}": rates["ours"] / rate for name, rate in rates.items()
               if not name.startswith("ours")}  # fmt: skip
+    if PLAIN in rates:
+        ratios[f"ours ÷ {PLAIN}"] = rates["ours"] / rates[PLAIN]
     if "ours (DALI CPU decode)" in rates:
         for name in ("DALI's own pipeline", "DALI decode alone (in memory)"):
             if name in rates:
@@ -404,15 +421,13 @@ def main() -> int:
     pools = run_pools(photos, cores)
     say(f"decode pool of {cores}: threads {pools['threads']:.0f} samples/s, processes "
         f"{pools['processes']:.0f} samples/s")  # fmt: skip
-    best = 0.0
-    loader: Loader | None = None
-    for _ in range(args.repeat):
-        rate, _, loader = run_ours(data, config.storage)
-        best = max(best, rate)
-    results["ours"] = best
-    assert loader is not None
+    results["ours"], loader = run_ours(data, config.storage, args.repeat)
     stage_table = loader.metrics_.summary(loader.metrics())
-    say(f"ours: {best:.0f} samples/s\n{stage_table}")
+    say(f"ours: {results['ours']:.0f} samples/s\n{stage_table}")
+    plain = prepare_shards(photos_dir, photos_dir.rstrip("/") + "-shards-plain", args.count,
+                           row_restarts=False)  # fmt: skip
+    results[PLAIN] = run_ours(dataclasses.replace(data, url=plain), config.storage, args.repeat)[0]
+    say(f"{PLAIN}: {results[PLAIN]:.0f} samples/s")
     if not args.skip_peers:
         index = DatasetIndex.load(shards)
         urls = [os.path.join(shards, s.path) for s in index.shards]
@@ -429,10 +444,9 @@ def main() -> int:
             say(f"{name}: {results[name]:.0f} samples/s")
 
     if not args.skip_dali:
-        results["ours (DALI CPU decode)"] = max(
-            run_ours(dataclasses.replace(data, decode_backend="dali"), config.storage)[0]
-            for _ in range(args.repeat)
-        )  # fmt: skip
+        results["ours (DALI CPU decode)"] = run_ours(
+            dataclasses.replace(data, decode_backend="dali"), config.storage, args.repeat
+        )[0]
         results["DALI's own pipeline"] = max(
             dali_own_rate(shards, batch=64, threads=cores) for _ in range(args.repeat)
         )
@@ -498,7 +512,7 @@ def main() -> int:
         "ratios": ratios,
         "samples_per_s_from_s3": from_s3,
         "ratios_from_s3": s3_ratios,
-        "loader_stages": loader.metrics() if loader else {},
+        "loader_stages": loader.metrics(),
         "peak_rss_bytes_per_epoch": rss,
         "s3": s3,
     }

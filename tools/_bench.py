@@ -226,9 +226,9 @@ def write_report(out: str, name: str, method: str | None, fields: dict[str, Any]
     return path
 
 
-def prepare_shards(photos: str, shards: str, count: int, *, row_restarts: bool = True) -> str:
+def prepare_shards(photos: str, shards: str, count: int, *, row_restarts: bool = False) -> str:
     """The photos converted to tar shards at ``shards`` (JPEGs with a restart marker per
-    row unless ``row_restarts`` is False), written unless already there as asked."""
+    row when ``row_restarts``), written unless already there as asked."""
     try:
         index = DatasetIndex.load(shards)
         if index.num_samples == count and (

@@ -4,11 +4,13 @@
     python tools/convert.py --input SRC --output DST
         [--input-format imagefolder|jsonl|parquet|csv|webdataset] [--format tar|parquet]
         [--max-shard-bytes 256MB] [--max-shard-samples N] [--workers N]
-        [--on-bad-input raise|skip] [--node-rank R --num-nodes N]
+        [--on-bad-input raise|skip] [--jpeg-row-restarts] [--node-rank R --num-nodes N]
     python tools/convert.py --merge --output DST          # after a multi-node conversion
     python tools/convert.py --index-only --input TARS     # index existing WebDataset tars
 
 SRC and DST are local paths or s3:// URLs. An interrupted run resumes when run again.
+--jpeg-row-restarts stores an image folder's JPEGs with a restart marker per row of blocks
+(the same pixels; crops then decode from their own row).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def main() -> int:
     arguments.add_argument("--on-bad-input", choices=["raise", "skip"])
     arguments.add_argument("--validate-images", choices=["decode", "header", "none"])
     arguments.add_argument("--no-shuffle", dest="shuffle", action="store_false", default=None)
+    arguments.add_argument("--jpeg-row-restarts", action="store_true", default=None)
     arguments.add_argument("--seed", type=int)
     arguments.add_argument("--key-field")
     arguments.add_argument("--fields", type=lambda text: text.split(","), metavar="A,B,…")

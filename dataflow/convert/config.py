@@ -30,10 +30,11 @@ class ConvertConfig:
     """An unreadable image or a record missing a field: stop with its path, or skip and log."""
     validate_images: Literal["decode", "header", "none"] = "decode"
     """'decode' proves every image decodes (JPEG at 1/8 DCT scale), 'header' only opens it."""
-    jpeg_row_restarts: bool = True
+    jpeg_row_restarts: bool = False
     """Image folders: copy each JPEG's coefficients (same pixels) into one with a restart marker
-    at every row of blocks, so the loader starts decoding a crop at its own row (~2 ms per
-    image, once; kept as it was if that would make it larger)."""
+    at every row of blocks, so the loader starts decoding a crop at its own row. Costs ~2 ms
+    per image once and saves ~14 µs per crop per epoch on 500 × 375 photos (3.5 % of the
+    decode): worth it when many runs reuse the shards. A JPEG it would make larger stays."""
     shuffle: bool = True
     """Shuffle samples across shards (seeded), so shards mix classes."""
     seed: int = 0

@@ -236,6 +236,15 @@ static void source_skip(j_decompress_ptr info, long count) {
 
 static void source_end(j_decompress_ptr info) { (void)info; }
 
+/* libjpeg's standard error manager, with errors jumping to ``state->jump`` and warnings
+ * counted (a warning means damaged data: the callers fail on it). */
+static struct jpeg_error_mgr *error_manager(struct error_state *state) {
+    struct jpeg_error_mgr *manager = jpeg_std_error(&state->manager);
+    manager->error_exit = on_error;
+    manager->emit_message = on_message;
+    return manager;
+}
+
 /* Decode the crop into ``out`` (``capacity`` bytes), rows ``*stride`` pixels apart. Called
  * without the GIL. Returns 0, or 1 with ``state->message`` set. */
 static int decode(const unsigned char *data, size_t size, int top, int left, int height,
@@ -262,9 +271,7 @@ static int decode(const unsigned char *data, size_t size, int top, int left, int
     } else {
         header_size = 0;
     }
-    info.err = jpeg_std_error(&state->manager);
-    state->manager.error_exit = on_error;
-    state->manager.emit_message = on_message;
+    info.err = error_manager(state);
     if (setjmp(state->jump)) {
         failed = 1;
     } else {
@@ -401,10 +408,7 @@ static int add_restarts(const unsigned char *data, size_t size,
     volatile int failed = 0;
     memset(&source, 0, sizeof(source));
     memset(&target, 0, sizeof(target));
-    source.err = jpeg_std_error(&state->manager);
-    target.err = &state->manager;
-    state->manager.error_exit = on_error;
-    state->manager.emit_message = on_message;
+    source.err = target.err = error_manager(state);
     if (setjmp(state->jump)) {
         failed = 1;
     } else {

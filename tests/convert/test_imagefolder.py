@@ -150,8 +150,7 @@ def test_parquet_output_from_images(photo_folder: Path, tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_convert_to_s3_and_verify_there(photo_folder: Path, s3) -> None:  # type: ignore[no-untyped-def]
     output = f"{s3.url}/photos"
-    config = ConvertConfig(input=str(photo_folder), output=output, max_shard_samples=16,
-                           workers=2, jpeg_row_restarts=False)  # fmt: skip
+    config = ConvertConfig(input=str(photo_folder), output=output, max_shard_samples=16, workers=2)
     report = convert(config, s3.config, progress=False)
     assert report.samples == 60 and report.index_written
     index = DatasetIndex.load(output, config=s3.config)
@@ -197,7 +196,8 @@ def test_jpegs_get_a_restart_marker_per_row_and_keep_their_pixels(
     truncated = sorted(small_photo_copy.rglob("*.jpg"))[5]
     truncated.write_bytes(truncated.read_bytes()[:4000])
     source = source_images(small_photo_copy)
-    index = run(small_photo_copy, tmp_path / "out", workers=2, validate_images="none")
+    index = run(small_photo_copy, tmp_path / "out", workers=2, validate_images="none",
+                jpeg_row_restarts=True)  # fmt: skip
     stored = stored_images(tmp_path / "out", index)
     assert stored.keys() == source.keys()
     for key, data in stored.items():
@@ -208,8 +208,7 @@ def test_jpegs_get_a_restart_marker_per_row_and_keep_their_pixels(
         assert b"\xff\xdd\x00\x04" in data and b"\xff\xdd" not in original  # DRI added
         assert len(data) <= len(original) + 511  # within the tar block the plan counted
         np.testing.assert_array_equal(decode_image(data), decode_image(original))
-    plain = run(small_photo_copy, tmp_path / "plain", workers=1, validate_images="none",
-                jpeg_row_restarts=False)  # fmt: skip
+    plain = run(small_photo_copy, tmp_path / "plain", workers=1, validate_images="none")
     assert stored_images(tmp_path / "plain", plain) == {k: v[0] for k, v in source.items()}
 
 

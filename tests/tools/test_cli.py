@@ -55,6 +55,20 @@ def test_config_file_and_overrides(photo_folder: Path, tmp_path: Path) -> None:
     assert len(list((tmp_path / "out").glob("*.parquet"))) == 5
 
 
+def test_row_restarts_are_off_by_default_and_on_by_a_flag(
+    photo_folder: Path, tmp_path: Path
+) -> None:
+    for flags, expected in (((), False), (("--jpeg-row-restarts",), True)):
+        output = tmp_path / f"out-{expected}"
+        result = tool("convert.py", "--input", str(photo_folder), "--output", str(output),
+                      "--workers", "1", "--quiet", *flags)  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        index = json.loads((output / "index.json").read_text())
+        assert index["metadata"]["jpeg_row_restarts"] is expected
+        shard = (output / index["shards"][0]["path"]).read_bytes()
+        assert (b"\xff\xdd\x00\x04" in shard) is expected  # a DRI segment in the JPEGs
+
+
 def test_unknown_config_key_exits_2_naming_the_nearest(tmp_path: Path) -> None:
     result = tool("convert.py", "--input", "x", "--output", "y", "--convert.workrs=2")
     assert result.returncode == 2

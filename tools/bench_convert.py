@@ -263,9 +263,9 @@ def print_table(results: list[Result], count: int, cores: int) -> None:
     if table:
         print("\nratio ours ÷ peer (images/s; >1: ours is faster)")
         peers = list(next(iter(table.values())))
-        print(f"{'':<24}" + "".join(f" {p:>22}" for p in peers))
+        print(f"{'':<30}" + "".join(f" {p:>22}" for p in peers))
         for name, row in table.items():
-            print(f"{name:<24}" + "".join(f" {row[p]:>22.2f}" for p in peers))
+            print(f"{name:<30}" + "".join(f" {row[p]:>22.2f}" for p in peers))
 
 
 def plot(results: list[Result], path: str, title: str) -> None:

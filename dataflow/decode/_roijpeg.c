@@ -75,10 +75,10 @@ static void on_message(j_common_ptr info, int level) {
  * Huffman codes. The cut is at the MCU row holding the pixel row above the crop: fancy
  * chroma upsampling of a row reads the chroma row above it, which the cut image's first
  * row lacks, so the crop never starts there and its pixels stay identical to a full
- * decode's. Anything unexpected (progressive or arithmetic coding, more
- * than one scan, restart intervals that do not start each row, a marker out of sequence,
- * a segment running past the end) means no cut: the whole stream goes to libjpeg as before,
- * which reports real damage itself. Every read below is bounds-checked against ``size``. */
+ * decode's. Anything unexpected (progressive or arithmetic coding, more than one scan,
+ * restart intervals that do not start each row, a marker out of sequence, a segment running
+ * past the end) means no cut: the whole stream goes to libjpeg as before, which reports real
+ * damage itself. Every read below is bounds-checked against ``size``. */
 
 struct layout {
     size_t height_at;               /* offset of the frame header's 2-byte height */

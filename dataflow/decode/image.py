@@ -117,7 +117,8 @@ def add_row_restarts(data: bytes) -> bytes:
     Huffman tables are re-optimised, which pays for the markers (1.1 % smaller on the
     benchmark photos); APPn and COM segments (EXIF, ICC) are kept; a progressive JPEG comes
     out baseline. ~2 ms for a 44 KB photo. With the markers, ``decode_augment_into`` starts
-    decoding a crop one row of blocks above it rather than at the top of the image. A JPEG
+    decoding a crop at the row of blocks holding the pixel row above it, not at the top of
+    the image. A JPEG
     that has them already comes back unchanged. Raises ``ValueError`` for declared
     dimensions over the pixel limit (before libjpeg allocates anything) and for damaged
     data: every entropy-coded byte is read, libjpeg's warnings count as errors.

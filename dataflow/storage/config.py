@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataflow.config import ByteSize
+from dataflow.config import ByteSize, ConfigError, parse_bytes
 
 
 @dataclass(kw_only=True)
@@ -40,7 +40,12 @@ class StorageConfig:
         if self.connections < 1:
             raise ValueError(f"connections must be >= 1, got {self.connections}")
         for name in ("read_chunk_size", "block_size", "range_size"):
-            value = getattr(self, name)
+            # Built in code, a size may still be "16MiB": the same parser as the TOML loader.
+            try:
+                value = parse_bytes(getattr(self, name))
+            except ConfigError as error:
+                raise ConfigError(f"{name}: {error}") from None
+            setattr(self, name, value)
             if value < 4096:
                 raise ValueError(f"{name} must be at least 4096 bytes, got {value}")
         for name in ("connect_timeout_s", "read_timeout_s", "backoff_initial_s", "backoff_max_s"):

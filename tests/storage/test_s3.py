@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -363,3 +366,71 @@ def test_bounded_read_past_the_end_is_an_error(s3: S3Bucket, tmp_path: Path) -> 
         assert f"bytes [{start}, {end})" in str(caught.value)
     with pytest.raises(StorageError, match="the object has only 10 bytes"):
         read_range(url, 5, 15, config=s3.config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spool files of remote writes
+
+# A writer that dies (SIGKILL) while its object is half spooled, or (argument "hold") that
+# keeps writing until the test lets it go.
+_SPOOLING_WRITER = """
+import os, signal, sys
+from dataflow.storage import StorageConfig, open_write
+endpoint, url, spool, mode = sys.argv[1:]
+with open_write(url, config=StorageConfig(endpoint_url=endpoint), spool_dir=spool) as handle:
+    handle.write(b"half an object")
+    handle.flush()
+    if mode == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    print("spooling", flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _writer(s3: S3Bucket, url: str, spool: Path, mode: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _SPOOLING_WRITER, s3.config.endpoint_url, url, str(spool), mode],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+
+
+def test_a_killed_writers_spool_file_is_removed_by_the_next_writer(
+    s3: S3Bucket, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    url = f"{s3.url}/object.bin"
+    killed = _writer(s3, url, spool, "kill")
+    assert killed.wait(timeout=60) == -signal.SIGKILL
+    # kill -9 runs no cleanup: the half-spooled file stays, named after its dead owner.
+    (left,) = spool.iterdir()
+    assert f"-{killed.pid}-" in left.name, left.name
+    # A live writer's spool file is in use: the sweep must leave it alone.
+    live = _writer(s3, f"{s3.url}/live.bin", spool, "hold")
+    try:
+        assert live.stdout is not None and live.stdout.readline() == b"spooling\n"
+        (live_spool,) = (path for path in spool.iterdir() if f"-{live.pid}-" in path.name)
+
+        with open_write(url, config=s3.config, spool_dir=str(spool)) as handle:
+            handle.write(b"a whole object")
+
+        assert read_bytes(url, config=s3.config) == b"a whole object"
+        assert list(spool.iterdir()) == [live_spool]
+    finally:
+        assert live.stdin is not None
+        live.stdin.write(b"done\n")
+        live.stdin.close()
+        assert live.wait(timeout=60) == 0
+    assert read_bytes(f"{s3.url}/live.bin", config=s3.config) == b"half an object"
+    assert list(spool.iterdir()) == []
+
+
+def test_a_failed_upload_leaves_no_spool_file(s3: S3Bucket, tmp_path: Path) -> None:
+    # The bucket does not exist: the upload itself fails after the block ran cleanly.
+    url = f"s3://no-such-bucket-{s3.url[-12:]}/object.bin"
+    with (
+        pytest.raises(StorageError),
+        open_write(url, config=s3.config, spool_dir=str(tmp_path)) as handle,
+    ):
+        handle.write(b"an object with nowhere to go")
+    assert list(tmp_path.iterdir()) == []

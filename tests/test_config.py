@@ -19,6 +19,7 @@ from dataflow.config import (
     parse_bytes,
     split_overrides,
 )
+from dataflow.pipeline import DataConfig
 from trainer.config import Config, load
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
@@ -178,3 +179,14 @@ def test_data_section_validation() -> None:
         load(None, ["data.crop_scale=[0.5, 2.0]"])
     with pytest.raises(ConfigError, match="did you mean 'on_bad_sample'"):
         load(None, ["data.on_bad_samples=skip"])
+
+
+def test_data_config_built_in_code_reads_byte_size_strings() -> None:
+    """The docs write sizes as "1GB"; a DataConfig built in code takes them as TOML does."""
+    config = DataConfig(cache_bytes="1GB", autotune_memory="512MiB")  # type: ignore[arg-type]
+    assert config.cache_bytes == 1_000_000_000
+    assert config.autotune_memory == 512 * 1024**2
+    with pytest.raises(ConfigError, match="cache_bytes: cannot read 'lots' as a byte size"):
+        DataConfig(cache_bytes="lots")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="cache_bytes must be >= 0, got -1"):
+        DataConfig(cache_bytes=-1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from dataflow.config import ByteSize
+from dataflow.config import ByteSize, ConfigError, parse_bytes
 
 
 @dataclass(kw_only=True)
@@ -78,6 +78,15 @@ class DataConfig:
     """'cuda' (or 'cuda:N'): copy batches on a side CUDA stream; empty: stay on the CPU."""
 
     def __post_init__(self) -> None:
+        for name in ("autotune_memory", "cache_bytes"):
+            # Built in code, a size may still be "1GB": the same parser as the TOML loader.
+            try:
+                value = parse_bytes(getattr(self, name))
+            except ConfigError as error:
+                raise ConfigError(f"{name}: {error}") from None
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
+            setattr(self, name, value)
         for name in ("global_batch", "shuffle_window", "fetch_workers", "decode_workers",
                      "prefetch_batches", "image_size"):  # fmt: skip
             if getattr(self, name) < 1:

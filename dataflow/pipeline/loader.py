@@ -133,6 +133,15 @@ class Loader:
         self.index = DatasetIndex.load(self.root, config=self.storage_config)
         if self.index.num_samples == 0:
             raise DataError(f"{storage.redact(self.root)} holds no samples")
+        if config.drop_last and self.index.num_samples < config.global_batch:
+            # Every epoch would be empty: a loop waiting for a batch would wait forever.
+            raise DataError(
+                f"data.global_batch = {config.global_batch} is more than the "
+                f"{self.index.num_samples} samples of {storage.redact(self.root)}, so with "
+                "data.drop_last every epoch has no batch",
+                hint=f"lower data.global_batch to at most {self.index.num_samples}, or set "
+                "data.drop_last = false",
+            )
         names = [f.name for f in self.index.fields]
         image_fields = [f.name for f in self.index.fields if f.kind == "image"]
         self.image_fields = [config.image_field] if config.image_field else image_fields

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dataflow.errors import DataError
 from dataflow.index import DatasetIndex
 from dataflow.pipeline import Loader
 
@@ -273,3 +274,17 @@ def test_a_sample_gets_the_same_crop_on_every_rank_count(digits: str) -> None:
     for batch in rank1:
         for key, image in zip(batch.keys, batch.images, strict=True):
             assert torch.equal(image, single[key]), key
+
+
+def test_a_dataset_smaller_than_one_global_batch_is_refused(photos: str) -> None:
+    """60 samples, global batch 64, drop_last: every epoch would be empty, and a loop that
+    waits for a batch (tools/tune_io.py, bench_io.py) would wait forever."""
+    with pytest.raises(DataError) as caught:
+        make(photos, global_batch=64)
+    message = str(caught.value)
+    assert "data.global_batch" in message and "64" in message and "60 samples" in message
+    assert "data.drop_last" in message  # says what to do next
+    # Without drop_last the one short batch is padded, as documented.
+    loader = make(photos, global_batch=64, drop_last=False)
+    [batch] = one_epoch(loader)
+    assert len(batch.keys) == 64 and int(batch.valid.sum()) == 60

@@ -16,7 +16,10 @@
  * resized crop, whose top is 16 % down on average, from 406 to 392 µs. Pixels unchanged.
  * The crop is given in full-resolution pixels; the result is the RGB crop at the scaled
  * resolution, rows × cols. Runs without the GIL. Corrupt data (a libjpeg warning) or a fatal
- * error raises ValueError with libjpeg's message.
+ * error raises ValueError with libjpeg's message. CMYK and YCCK JPEGs (print workflows,
+ * Photoshop) come out RGB too: libjpeg cannot convert them to RGB itself ("Unsupported color
+ * conversion request"), so they are decoded to CMYK a row at a time and converted here, with
+ * Pillow's formula on Adobe's inverted convention (see cmyk_row_to_rgb).
  *
  * The scanlines go straight into ``out`` (a writable buffer the caller keeps, e.g. one per
  * thread): rows of ``stride`` pixels, the crop starting ``shift`` pixels in, so the crop is
@@ -236,6 +239,21 @@ static void source_skip(j_decompress_ptr info, long count) {
 
 static void source_end(j_decompress_ptr info) { (void)info; }
 
+/* One row of CMYK as libjpeg gives it to RGB, as Pillow converts it: Adobe's convention
+ * (Photoshop's, and the one Pillow, OpenCV and TurboJPEG assume for every CMYK JPEG) stores
+ * ink inverted, so a stored 255 is no ink. With c and k the stored values,
+ * R = k - round((255 - c) * k / 255): Pillow's cmyk2rgb after its "CMYK;I" read, bit for
+ * bit, so the loader's pixels equal Pillow's ``convert("RGB")``. */
+static void cmyk_row_to_rgb(const unsigned char *cmyk, unsigned char *rgb, unsigned int pixels) {
+    for (unsigned int x = 0; x < pixels; x++, cmyk += 4, rgb += 3) {
+        unsigned int k = cmyk[3];
+        for (int channel = 0; channel < 3; channel++) {
+            unsigned int product = (255u - cmyk[channel]) * k + 128u; /* round(a * b / 255) */
+            rgb[channel] = (unsigned char)(k - (((product >> 8) + product) >> 8));
+        }
+    }
+}
+
 /* libjpeg's standard error manager, with errors jumping to ``state->jump`` and warnings
  * counted (a warning means damaged data: the callers fail on it). */
 static struct jpeg_error_mgr *error_manager(struct error_state *state) {
@@ -253,6 +271,7 @@ static int decode(const unsigned char *data, size_t size, int top, int left, int
                   unsigned int *stride_out, unsigned int *shift_out) {
     struct jpeg_decompress_struct info;
     JSAMPROW *volatile pointers = NULL;
+    JSAMPROW volatile cmyk_row = NULL; /* CMYK and YCCK JPEGs: one row before conversion */
     volatile int failed = 0;
     volatile unsigned int rows = 0, cols = 0, stride = 0, shift = 0;
     struct layout layout;
@@ -297,7 +316,8 @@ static int decode(const unsigned char *data, size_t size, int top, int left, int
              * the marker reader (jpegint.h) expects RST0 after a scan header. */
             info.marker->next_restart_num = (int)((first * layout.intervals_per_row) & 7);
         }
-        info.out_color_space = JCS_RGB;
+        int ink = info.jpeg_color_space == JCS_CMYK || info.jpeg_color_space == JCS_YCCK;
+        info.out_color_space = ink ? JCS_CMYK : JCS_RGB;
         info.scale_num = 1;
         info.scale_denom = (unsigned int)denominator;
         jpeg_start_decompress(&info);
@@ -322,7 +342,8 @@ static int decode(const unsigned char *data, size_t size, int top, int left, int
         if ((size_t)rows * stride * 3 > capacity) {
             strcpy(state->message, "the output buffer is too small for the crop");
             failed = 1;
-        } else if ((pointers = malloc(sizeof(JSAMPROW) * rows)) == NULL) {
+        } else if ((pointers = malloc(sizeof(JSAMPROW) * rows)) == NULL ||
+                   (ink && (cmyk_row = malloc((size_t)stride * 4)) == NULL)) {
             strcpy(state->message, "out of memory");
             failed = 1;
         } else {
@@ -334,6 +355,13 @@ static int decode(const unsigned char *data, size_t size, int top, int left, int
             }
             unsigned int done = 0;
             while (done < rows) {
+                if (ink) {
+                    JSAMPROW row = cmyk_row;
+                    if (jpeg_read_scanlines(&info, &row, 1) == 0) break;
+                    cmyk_row_to_rgb(cmyk_row, pointers[done], stride);
+                    done++;
+                    continue;
+                }
                 JDIMENSION got = jpeg_read_scanlines(&info, pointers + done, rows - done);
                 if (got == 0) break; /* suspension: cannot happen with a memory source */
                 done += got;
@@ -343,6 +371,7 @@ static int decode(const unsigned char *data, size_t size, int top, int left, int
     }
     jpeg_destroy_decompress(&info);
     free(pointers);
+    free(cmyk_row);
     if (failed || state->warnings) {
         return 1;
     }

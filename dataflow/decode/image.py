@@ -15,7 +15,8 @@ at the crop's first row, so not even the Huffman codes above it are read: 406 �
 the same crops on the benchmark's photos, whose tops lie 16 % down on average; those rows
 decode cheaper than the rest (the same crops moved to the top: 329 µs).
 Without the extension, simplejpeg decodes the whole image. Non-JPEGs decode through
-Pillow. The randomness is counter-based uniforms hashed from (seed, epoch, sample id) —
+Pillow. CMYK and YCCK JPEGs come out RGB on every path, converted as Pillow converts them.
+The randomness is counter-based uniforms hashed from (seed, epoch, sample id) —
 ``sample_draws``, vectorised per batch — so a sample gets the same crop whichever rank or
 thread decodes it, and after a resume.
 
@@ -239,8 +240,6 @@ def decode_augment_into(
     Raises ``ValueError`` for data that is not a complete, decodable image.
     """
     if is_jpeg(data):
-        import simplejpeg
-
         try:
             height, width = jpeg_size(data)
         except ValueError as error:
@@ -259,16 +258,8 @@ def decode_augment_into(
             region = scratch[: rows * stride * 3].reshape(rows, stride, 3)[:, shift : shift + cols]
             _resize_into(region, out, flip)
             return
-        try:
-            if denominator == 1:
-                image = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
-            else:
-                image = simplejpeg.decode_jpeg(
-                    data, colorspace="RGB", strict=True,
-                    min_height=-(-height // denominator), min_width=-(-width // denominator),
-                )  # fmt: skip
-        except (ValueError, RuntimeError) as error:
-            raise ValueError(f"undecodable JPEG: {error}") from None
+        scaled = (-(-height // denominator), -(-width // denominator))
+        image = decode_image(data, min_size=None if denominator == 1 else scaled)
         factor_h, factor_w = image.shape[0] / height, image.shape[1] / width
         region = image[
             int(top * factor_h) : max(int(top * factor_h) + 1, int((top + crop_h) * factor_h)),

@@ -18,7 +18,9 @@ pickle        pickle — decoded only when a config opts in  any
 
 Images are decoded by simplejpeg (libjpeg-turbo) when they are JPEG and by Pillow otherwise;
 ``strict`` decoding turns libjpeg's "premature end of data" warnings into errors, so a
-truncated JPEG is caught instead of padded with grey.
+truncated JPEG is caught instead of padded with grey. CMYK and YCCK JPEGs are decoded to
+CMYK and converted with Pillow's formula (``cmyk_to_rgb``), the one the ROI decoder uses too,
+so every path gives the same pixels (TurboJPEG's own conversion is one level off Pillow's).
 """
 
 from __future__ import annotations
@@ -187,6 +189,19 @@ def is_jpeg(data: bytes | memoryview) -> bool:
     return bytes(data[:3]) == b"\xff\xd8\xff"
 
 
+def cmyk_to_rgb(ink: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB ``uint8`` from (H, W, 4) CMYK as libjpeg decodes it, as Pillow converts it.
+
+    Adobe's convention (Photoshop's; Pillow, OpenCV and TurboJPEG assume it for every CMYK
+    JPEG) stores ink inverted, so with ``c`` and ``k`` the stored values
+    R = k - round((255 - c) · k / 255), bit for bit Pillow's ``convert("RGB")`` and the
+    ``_roijpeg`` decoder's ``cmyk_row_to_rgb``.
+    """
+    key = ink[..., 3:4].astype(np.uint32)
+    product = (255 - ink[..., :3].astype(np.uint32)) * key + 128
+    return (key - (((product >> 8) + product) >> 8)).astype(np.uint8)
+
+
 def decode_image(
     data: bytes | memoryview, *, min_size: tuple[int, int] | None = None
 ) -> np.ndarray:
@@ -200,14 +215,15 @@ def decode_image(
         import simplejpeg
 
         try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
             check_pixels(int(height), int(width))
-            if min_size is not None:
-                return simplejpeg.decode_jpeg(
-                    data, colorspace="RGB", min_height=min_size[0], min_width=min_size[1],
-                    strict=True,
-                )  # fmt: skip
-            return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+            ink = colorspace in ("CMYK", "YCCK")
+            scaled = {} if min_size is None else {"min_height": min_size[0],
+                                                  "min_width": min_size[1]}  # fmt: skip
+            pixels = simplejpeg.decode_jpeg(
+                data, colorspace="CMYK" if ink else "RGB", strict=True, **scaled
+            )
+            return cmyk_to_rgb(pixels) if ink else pixels
         except (ValueError, RuntimeError) as error:
             raise ValueError(f"undecodable JPEG: {error}") from None
     from PIL import Image, UnidentifiedImageError

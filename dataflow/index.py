@@ -16,11 +16,14 @@ per sample plus its key, about 0.1% of a shard of 33 KB JPEGs.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import sys
+import typing
 import zipfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 import numpy as np
 import xxhash
@@ -116,15 +119,21 @@ class DatasetIndex:
             document = json.loads(text)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise DatasetIndexError(f"{where} is not valid JSON: {error}") from None
+        except RecursionError:  # json recurses per nesting level; no index nests deeply
+            raise DatasetIndexError(
+                f"{where} is not valid JSON for an index: it nests deeper than "
+                f"{sys.getrecursionlimit()} levels"
+            ) from None
         if not isinstance(document, dict):
             raise DatasetIndexError(f"{where} must hold a JSON object")
         version = document.get("version")
-        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        if not _is_int(version) or version > FORMAT_VERSION or version < 1:
             raise DatasetIndexError(
                 f"{where} has index version {version!r}; this shardflow reads up to "
                 f"{FORMAT_VERSION}",
                 hint="upgrade shardflow, or re-convert the dataset",
             )
+        _check_document(document, where)
         try:
             index = cls(
                 version=version,
@@ -171,6 +180,63 @@ class DatasetIndex:
                 ) from None
             raise
         return cls.from_json(text, storage.redact(url))
+
+
+# ---------------------------------------------------------------------------------------------
+# The shape of index.json, checked before anything is built from it: a hand-edited or forged
+# file gets one error naming the field (``shards[3].bytes must be an integer, got '7000'``),
+# not a TypeError from whatever first compares the value.
+
+_JSON_KINDS: Final = {str: "a string", int: "an integer", list: "a list", dict: "an object"}
+
+
+def _is_int(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _expect(value: object, kind: type, name: str, where: str) -> None:
+    if not (_is_int(value) if kind is int else isinstance(value, kind)):
+        shown = repr(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise DatasetIndexError(
+            f"{where} is malformed: {name} must be {_JSON_KINDS[kind]}, got {shown}",
+            hint="re-convert the dataset, or restore its index.json",
+        )
+
+
+@functools.cache
+def _field_kinds(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _expect_entry(value: object, cls: type, name: str, where: str) -> None:
+    """``value`` is a JSON object with exactly the fields of dataclass ``cls``, each of its type."""
+    _expect(value, dict, name, where)
+    assert isinstance(value, dict)
+    kinds = _field_kinds(cls)
+    for key in value:
+        if key not in kinds:
+            raise DatasetIndexError(f"{where} is malformed: {name} has an unknown key {key!r}")
+    for key, kind in kinds.items():
+        if key not in value:
+            raise DatasetIndexError(f"{where} is malformed: {name} lacks {key!r}")
+        _expect(value[key], kind, f"{name}.{key}", where)
+
+
+def _check_document(document: dict[str, Any], where: str) -> None:
+    for key in ("format", "fields", "shards"):
+        if key not in document:
+            raise DatasetIndexError(f"{where} is malformed: it lacks {key!r}")
+    _expect(document["format"], str, "format", where)
+    for name, kind in (("num_samples", int), ("metadata", dict), ("skipped", list)):
+        if document.get(name) is not None:
+            _expect(document[name], kind, name, where)
+    for number, record in enumerate(document.get("skipped") or []):
+        _expect(record, dict, f"skipped[{number}]", where)
+    for name, cls in (("fields", Field), ("shards", ShardEntry)):
+        _expect(document[name], list, name, where)
+        for number, entry in enumerate(document[name]):
+            _expect_entry(entry, cls, f"{name}[{number}]", where)
 
 
 @dataclass(kw_only=True)

@@ -165,6 +165,44 @@ def test_index_without_declared_count_is_accepted() -> None:
     assert DatasetIndex.from_json(json.dumps(changed)).num_samples == 17
 
 
+def test_index_nested_a_million_deep_is_one_clear_error() -> None:
+    """json.loads recurses per level: such a file raised RecursionError, not a typed error."""
+    text = '{"version": 1, "metadata": {"x": ' + "[" * 10**6 + "]" * 10**6 + "}}"
+    with pytest.raises(DatasetIndexError, match="nests deeper than") as caught:
+        DatasetIndex.from_json(text, "data/index.json")
+    assert "data/index.json" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "match"),
+    [
+        (("shards", 1, "bytes"), "7000", r"shards\[1\]\.bytes must be an integer, got '7000'"),
+        (("shards", 0, "samples"), 10.0, r"shards\[0\]\.samples must be an integer, got 10\.0"),
+        (("shards", 0, "samples"), True, r"shards\[0\]\.samples must be an integer, got True"),
+        (("shards", 1, "path"), 5, r"shards\[1\]\.path must be a string, got 5"),
+        (("shards", 0, "table"), None, r"shards\[0\]\.table must be a string, got None"),
+        (("shards", 0), "shard-0.tar", r"shards\[0\] must be an object, got 'shard-0\.tar'"),
+        (("shards",), {"a": 1}, r"shards must be a list, got \{'a': 1\}"),
+        (("fields", 1, "name"), ["cls"], r"fields\[1\]\.name must be a string, got \['cls'\]"),
+        (("format",), 7, r"format must be a string, got 7"),
+        (("metadata",), [1, 2], r"metadata must be an object, got \[1, 2\]"),
+        (("skipped",), "x", r"skipped must be a list, got 'x'"),
+        (("skipped", 0), 3, r"skipped\[0\] must be an object, got 3"),
+        (("num_samples",), "17", r"num_samples must be an integer, got '17'"),
+    ],
+)
+def test_index_field_of_the_wrong_type_is_named(where: tuple[Any, ...], value: Any,
+                                               match: str) -> None:  # fmt: skip
+    changed = document(make_index())
+    node = changed
+    for step in where[:-1]:
+        node = node[step]
+    node[where[-1]] = value
+    with pytest.raises(DatasetIndexError, match=match) as caught:
+        DatasetIndex.from_json(json.dumps(changed), "data/index.json")
+    assert str(caught.value).startswith("data/index.json is malformed: ")
+
+
 # ---------------------------------------------------------------------------------------------
 # Sample tables
 

@@ -198,7 +198,9 @@ class ImageFolderSource(Source):
             return restarted if padded(len(restarted)) <= padded(len(data)) else data
         return self._validate(data, mode)
 
-    def _validate(self, data: bytes, mode: str) -> bytes:
+    @staticmethod
+    def _validate(data: bytes, mode: str) -> bytes:
+        """``data`` checked as ``validate_images`` asks; re-sharded tars' images too."""
         if mode == "decode":
             codec.check_image(data)
         elif mode == "header":
@@ -206,7 +208,13 @@ class ImageFolderSource(Source):
 
             try:
                 with Image.open(io.BytesIO(data)) as image:
-                    image.size  # noqa: B018 - opening parses the header
+                    # The decode check's limit: a few header bytes can declare gigabytes.
+                    codec.check_pixels(image.height, image.width)
+            except Image.DecompressionBombError as error:  # over Pillow's limit, so ours
+                raise ValueError(
+                    f"over the {codec.MAX_IMAGE_PIXELS:,}-pixel limit "
+                    f"(dataflow.formats.codec.MAX_IMAGE_PIXELS): {error}"
+                ) from None
             except (UnidentifiedImageError, OSError) as error:
                 raise ValueError(f"not an image: {error}") from None
         return data
@@ -424,7 +432,7 @@ class WebDatasetSource(Source):
                     Item(
                         key=sanitize_key(sample.key),
                         size=tar_bytes([m.size for m in sample.members]),
-                        ref=(url, tuple(members), sample.start, sample.end),
+                        ref=(url, tuple(members), sample.start, sample.end, sample.key),
                     )
                 )
         self._fields = [Field(name=e, kind=codec.kind_for_extension(e)) for e in extensions]
@@ -445,13 +453,24 @@ class WebDatasetSource(Source):
             spans = [(i.ref[2], i.ref[3]) for i in group]
             blobs = storage.read_ranges(url, spans, config=self.storage_config)
             for item, blob in zip(group, blobs, strict=True):
-                _, members, start, _ = item.ref
-                values: dict[str, Any] = {}
-                for extension, data_offset, size in members:
-                    data = blob[data_offset - start : data_offset - start + size]
-                    # Kept as the exact member bytes; only Parquet output decodes them.
-                    values[extension] = codec.Encoded(data)
-                yield item, values
+                yield item, self._sample(url, item, blob)
+
+    def _sample(self, url: str, item: Item, blob: bytes) -> dict[str, Any] | SourceError:
+        """One sample's members, kept as their exact bytes (only Parquet output decodes
+        them); its images checked as an image folder's are, named by tar and member."""
+        _, members, start, _, tar_key = item.ref
+        images = {f.name for f in self._fields if f.kind == "image"}
+        values: dict[str, Any] = {}
+        for extension, data_offset, size in members:
+            data = blob[data_offset - start : data_offset - start + size]
+            if extension in images:
+                try:
+                    ImageFolderSource._validate(data, self.config.validate_images)
+                except ValueError as error:
+                    where = f"{storage.redact(url)}:{tar_key}.{extension}"
+                    return SourceError(str(error), source=where)
+            values[extension] = codec.Encoded(data)
+        return values
 
 
 def scan_tar(url: str, storage_config: StorageConfig) -> list[ScannedSample]:

@@ -1,5 +1,6 @@
 """Storage: one way to read and write any URL (plain paths, file://, s3://) on fsspec."""
 
+from dataflow.storage.buckets import make_bucket, may_create_bucket
 from dataflow.storage.config import StorageConfig
 from dataflow.storage.io import (
     discard_partial_writes,
@@ -10,7 +11,6 @@ from dataflow.storage.io import (
     list_files,
     list_objects,
     local_path,
-    make_bucket,
     normalize_url,
     open_read,
     open_write,
@@ -40,6 +40,7 @@ __all__ = [
     "list_objects",
     "local_path",
     "make_bucket",
+    "may_create_bucket",
     "normalize_url",
     "open_read",
     "open_write",

@@ -33,6 +33,9 @@ class StorageConfig:
     """Bytes per ranged GET when one object is read over several connections."""
     connections: int = 8
     """Concurrent requests to the object store per process."""
+    create_bucket: bool | None = None
+    """Let a write create a missing bucket. Unset: only on a loopback endpoint (the embedded
+    server); elsewhere a missing bucket is an error naming it."""
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:

@@ -9,7 +9,9 @@ Reads
     with ``If-Match`` so a concurrently replaced object cannot be stitched from two versions.
     Request-level faults (5xx, SlowDown, connect errors) are retried inside botocore
     (standard mode, ``max_attempts``); body faults by the loop here, with full-jitter
-    backoff, up to ``max_attempts`` resumptions. Local files are read with ``block_size``
+    backoff, up to ``max_attempts`` resumptions. Every request botocore sends is counted
+    (``retry.counting_requests``), so an error says how often it was tried and for how long,
+    timeouts and refused connections included. Local files are read with ``block_size``
     reads aligned to block boundaries, the access pattern Lustre and GPFS stripe well.
 
 Writes
@@ -32,22 +34,26 @@ import random
 import shutil
 import threading
 import typing
-from collections.abc import Iterator, Sequence
-from typing import IO, Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any, TypeVar
 
+import aiobotocore.session
 import fsspec
 from fsspec.asyn import sync
 
 from dataflow.storage.config import StorageConfig
 from dataflow.storage.retry import (
+    RequestCount,
     StorageError,
     backoff_delay,
+    count_request,
+    counting_requests,
     error_code,
     is_broken_body,
     is_transient,
     permanent_reason,
     redact,
-    request_attempts,
+    store_answer,
 )
 from dataflow.storage.spool import spool_file
 
@@ -108,15 +114,24 @@ def _object_path(url: str) -> str:
 # Filesystems
 
 
-def _s3_filesystem(config: StorageConfig) -> fsspec.AbstractFileSystem:
+def endpoint_of(config: StorageConfig) -> str:
+    """The S3 endpoint requests go to; empty: AWS itself."""
     endpoint = config.endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3", "")
-    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+    return endpoint or os.environ.get("AWS_ENDPOINT_URL", "")
+
+
+def _s3_filesystem(config: StorageConfig) -> fsspec.AbstractFileSystem:
+    endpoint = endpoint_of(config)
     region = config.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
     client_kwargs: dict[str, Any] = {"region_name": region or "us-east-1"}
     if endpoint:
         client_kwargs["endpoint_url"] = endpoint
+    # Every request botocore sends, its own retries included, is counted for the messages.
+    session = aiobotocore.session.AioSession()
+    session.register("needs-retry.s3", count_request)
     fs = fsspec.filesystem(
         "s3",
+        session=session,
         anon=config.anonymous,
         client_kwargs=client_kwargs,
         config_kwargs={
@@ -158,16 +173,38 @@ def filesystem(url: str, config: StorageConfig | None = None) -> fsspec.Abstract
 
 
 def _fail(
-    url: str, error: BaseException, attempts: int, byte_range: tuple[int, int | None] | None
+    url: str,
+    error: BaseException,
+    attempts: int,
+    byte_range: tuple[int, int | None] | None,
+    seconds: float | None = None,
 ) -> StorageError:
-    if is_transient(error):
+    if error_code(error) == "NoSuchBucket":
+        # Named as what it is: read as a missing object, a missing bucket looks like a
+        # missing dataset. The store's own answer is kept as the last error, not s3fs's
+        # FileNotFoundError, which callers rightly read as "this object is missing".
+        bucket = _object_path(url).split("/", 1)[0]
         return StorageError(
-            url, "gave up on transient faults", attempts=attempts, last_error=error,
-            byte_range=byte_range,
+            url, f"bucket '{bucket}' does not exist (NoSuchBucket): check the bucket name, "
+            "storage.endpoint_url and storage.region", attempts=attempts,
+            last_error=store_answer(error), byte_range=byte_range, seconds=seconds,
         )  # fmt: skip
-    return StorageError(
-        url, permanent_reason(error), attempts=attempts, last_error=error, byte_range=byte_range
-    )
+    reason = "gave up on transient faults" if is_transient(error) else permanent_reason(error)
+    return StorageError(url, reason, attempts=attempts, last_error=error, byte_range=byte_range,
+                        seconds=seconds)  # fmt: skip
+
+
+Result = TypeVar("Result")
+
+
+def _s3_call(url: str, call: Callable[[], Result]) -> Result:
+    """``call()`` (one s3fs operation); a failure becomes a StorageError that counts the
+    requests botocore sent for it and the time they took."""
+    with counting_requests() as count:
+        try:
+            return call()
+        except Exception as error:
+            raise _fail(url, error, max(1, count.last_attempts), None, count.seconds) from error
 
 
 def _log_retry(url: str, error: BaseException, attempts: int, config: StorageConfig) -> None:
@@ -180,6 +217,19 @@ async def _s3_read_piece(
     fs: Any, url: str, start: int, end: int | None, config: StorageConfig, etag: list[str]
 ) -> bytes:
     """Stream ``[start, end)`` of one object (``end=None``: to its end), resuming on faults."""
+    with counting_requests() as count:
+        return await _s3_read_counted(fs, url, start, end, config, etag, count)
+
+
+async def _s3_read_counted(
+    fs: Any,
+    url: str,
+    start: int,
+    end: int | None,
+    config: StorageConfig,
+    etag: list[str],
+    count: RequestCount,
+) -> bytes:
     bucket, key, version = fs.split_path(_object_path(url))
     buffer = bytearray()
     attempts = 0
@@ -193,21 +243,22 @@ async def _s3_read_piece(
             request["Range"] = f"bytes={position}-{'' if end is None else end - 1}"
         if etag:
             request["IfMatch"] = etag[0]
-        attempts += 1
+        sent_before = count.sent
         try:
             response = await fs._call_s3("get_object", **request)
         except Exception as error:
             if total is None and error_code(error) in ("InvalidRange", "416"):
                 break  # "bytes=<start>-" at or past the end: nothing to read, as for files
-            attempts += request_attempts(error) - 1
-            # botocore retried the request-level faults it knows. One it lets through — a
-            # reset while it reads an error response's body, aiohttp's payload error — is
-            # retried here, within the same budget.
+            # botocore retried the request-level faults it knows, each request counted. One
+            # it lets through — a reset while it reads an error response's body, aiohttp's
+            # payload error — is retried here, within the same budget.
+            attempts += max(1, count.sent - sent_before)
             if not is_broken_body(error) or attempts >= config.max_attempts:
-                raise _fail(url, error, attempts, (start, end)) from error
+                raise _fail(url, error, attempts, (start, end), count.seconds) from error
             _log_retry(url, error, attempts, config)
             await asyncio.sleep(backoff_delay(attempts, config))
             continue
+        attempts += max(1, count.sent - sent_before)
         if not etag and response.get("ETag"):
             etag.append(response["ETag"])
         object_size = _object_size(response.get("ContentRange"))
@@ -226,7 +277,7 @@ async def _s3_read_piece(
                 buffer += chunk
         except Exception as error:
             if not is_transient(error) or attempts >= config.max_attempts:
-                raise _fail(url, error, attempts, (start, end)) from error
+                raise _fail(url, error, attempts, (start, end), count.seconds) from error
             _log_retry(url, error, attempts, config)
             await asyncio.sleep(backoff_delay(attempts, config))
             continue
@@ -237,7 +288,7 @@ async def _s3_read_piece(
             if attempts >= config.max_attempts:
                 raise StorageError(
                     url, f"short read: {len(buffer)} of {total - start} bytes",
-                    attempts=attempts, byte_range=(start, end),
+                    attempts=attempts, byte_range=(start, end), seconds=count.seconds,
                 )  # fmt: skip
             await asyncio.sleep(backoff_delay(attempts, config))
     if end is not None and len(buffer) > end - start:
@@ -409,10 +460,7 @@ def open_read(url: str, *, config: StorageConfig | None = None) -> Iterator[IO[b
             yield handle
         return
     fs = filesystem(url, config)
-    try:
-        handle = fs.open(_object_path(url), "rb", block_size=config.range_size)
-    except Exception as error:
-        raise _fail(url, error, 1, None) from error
+    handle = _s3_call(url, lambda: fs.open(_object_path(url), "rb", block_size=config.range_size))
     with handle:
         yield handle
 
@@ -424,10 +472,8 @@ def open_read(url: str, *, config: StorageConfig | None = None) -> Iterator[IO[b
 def exists(url: str, *, config: StorageConfig | None = None) -> bool:
     if is_local(url):
         return os.path.exists(local_path(url))
-    try:
-        return bool(filesystem(url, config).exists(_object_path(url)))
-    except Exception as error:
-        raise _fail(url, error, 1, None) from error
+    fs = filesystem(url, config)
+    return bool(_s3_call(url, lambda: fs.exists(_object_path(url))))
 
 
 def size(url: str, *, config: StorageConfig | None = None) -> int:
@@ -436,10 +482,8 @@ def size(url: str, *, config: StorageConfig | None = None) -> int:
             return os.path.getsize(local_path(url))
         except OSError as error:
             raise _fail(url, error, 1, None) from error
-    try:
-        return int(filesystem(url, config).size(_object_path(url)))
-    except Exception as error:
-        raise _fail(url, error, 1, None) from error
+    fs = filesystem(url, config)
+    return int(_s3_call(url, lambda: fs.size(_object_path(url))))
 
 
 def list_objects(url: str, *, config: StorageConfig | None = None) -> list[tuple[str, int]]:
@@ -460,10 +504,7 @@ def list_objects(url: str, *, config: StorageConfig | None = None) -> list[tuple
         return sorted(found)
     fs = filesystem(url, config)
     protocol = protocol_of(url)
-    try:
-        details = fs.find(_object_path(url), detail=True)
-    except Exception as error:
-        raise _fail(url, error, 1, None) from error
+    details = _s3_call(url, lambda: fs.find(_object_path(url), detail=True))
     return sorted(
         (f"{protocol}://{path}", int(info.get("size") or 0))
         for path, info in details.items()
@@ -484,13 +525,14 @@ def remove(url: str, *, config: StorageConfig | None = None, missing_ok: bool = 
             if not missing_ok:
                 raise _fail(url, error, 1, None) from error
         return
-    try:
-        filesystem(url, config).rm_file(_object_path(url))
-    except FileNotFoundError:
-        if not missing_ok:
-            raise
-    except Exception as error:
-        raise _fail(url, error, 1, None) from error
+    with counting_requests() as count:
+        try:
+            filesystem(url, config).rm_file(_object_path(url))
+        except FileNotFoundError:
+            if not missing_ok:
+                raise
+        except Exception as error:
+            raise _fail(url, error, max(1, count.last_attempts), None, count.seconds) from error
 
 
 def remove_tree(url: str, *, config: StorageConfig | None = None) -> None:
@@ -554,10 +596,7 @@ def write_bytes(url: str, data: bytes, *, config: StorageConfig | None = None) -
             raise
         return
     fs = filesystem(url, config)
-    try:
-        fs.pipe_file(_object_path(url), data)
-    except Exception as error:
-        raise _fail(url, error, 1, None) from error
+    _s3_call(url, lambda: fs.pipe_file(_object_path(url), data))
 
 
 def upload_file(local_file: str, url: str, *, config: StorageConfig | None = None) -> None:
@@ -574,10 +613,7 @@ def upload_file(local_file: str, url: str, *, config: StorageConfig | None = Non
             raise
         return
     fs = filesystem(url, config)
-    try:
-        fs.put_file(local_file, _object_path(url))
-    except Exception as error:
-        raise _fail(url, error, 1, None) from error
+    _s3_call(url, lambda: fs.put_file(local_file, _object_path(url)))
 
 
 @contextlib.contextmanager
@@ -607,36 +643,3 @@ def open_write(
         yield spool
         spool.flush()
         upload_file(spool.name, url, config=config)
-
-
-def make_bucket(url: str, *, config: StorageConfig | None = None) -> None:
-    """Create the bucket of an s3:// URL if it does not exist.
-
-    Credentials that may only write objects (no bucket permissions: least privilege) get a
-    403 on the bucket itself; the bucket is then taken to exist, and the writes that follow
-    say whether they are allowed.
-    """
-    if protocol_of(url) != "s3":
-        os.makedirs(local_path(url), exist_ok=True)
-        return
-    fs = filesystem(url, config)
-    bucket = _object_path(url).split("/", 1)[0]
-    try:
-        fs.call_s3("head_bucket", Bucket=bucket)
-        return
-    except FileNotFoundError:
-        pass  # create it below
-    except PermissionError:
-        return
-    except Exception as error:
-        raise _fail(url, error, 1, None) from error
-    region = fs.client_kwargs.get("region_name", "us-east-1")
-    request: dict[str, Any] = {"Bucket": bucket}
-    if region != "us-east-1":  # us-east-1 is the one region S3 refuses as a constraint
-        request["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    try:
-        fs.call_s3("create_bucket", **request)
-    except Exception as error:
-        if "BucketAlreadyOwnedByYou" not in str(error):
-            raise _fail(url, error, 1, None) from error
-    fs.invalidate_cache()

@@ -3,16 +3,24 @@ users see when a fault is permanent or the attempts run out.
 
 Backoff is exponential with full jitter (``uniform(0, min(cap, base * 2**attempt))``), the
 scheme AWS recommends for many clients hitting one prefix: it spreads retries so that a
-``503 SlowDown`` wave does not come back in lock-step.
+``503 SlowDown`` wave does not come back in lock-step. The requests behind an operation are
+counted through botocore's ``needs-retry`` event (one attribute update per request), since
+an error raised without a response cannot say how often botocore tried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import dataclasses
 import errno
 import random
 import re
 import socket
+import time
+from collections.abc import Iterator
+from typing import Any
 
 from dataflow.storage.config import StorageConfig
 
@@ -75,7 +83,8 @@ class StorageError(OSError):
     """A read or write that failed for good: permanent fault or attempts exhausted.
 
     The message names the URL (credentials and signatures removed), the byte range, how many
-    attempts were made, and the last error, so a user can tell a typo from an outage.
+    attempts were made over how many seconds, and the last error, so a user can tell a typo
+    from an outage.
     """
 
     def __init__(
@@ -86,9 +95,11 @@ class StorageError(OSError):
         attempts: int = 0,
         last_error: BaseException | None = None,
         byte_range: tuple[int, int | None] | None = None,
+        seconds: float | None = None,
     ) -> None:
         self.url = redact(url)
         self.attempts = attempts
+        self.seconds = seconds
         self.last_error = last_error
         self.byte_range = byte_range
         parts = [f"{self.url}: {message}"]
@@ -96,7 +107,8 @@ class StorageError(OSError):
             end = "end" if byte_range[1] is None else byte_range[1]
             parts.append(f"bytes [{byte_range[0]}, {end})")
         if attempts:
-            parts.append(f"after {attempts} attempt{'s' if attempts != 1 else ''}")
+            took = "" if seconds is None else f" in {seconds:.1f} s"
+            parts.append(f"after {attempts} attempt{'s' if attempts != 1 else ''}{took}")
         if last_error is not None:
             parts.append(f"last error: {type(last_error).__name__}: {redact(str(last_error))}")
         super().__init__(errno.EIO, "; ".join(parts))
@@ -132,17 +144,62 @@ def error_code(error: BaseException) -> str | None:
     return None
 
 
-def request_attempts(error: BaseException) -> int:
-    """How many requests botocore made before giving up with ``error`` (1 if unknown)."""
-    response = getattr(error, "response", None)
-    if isinstance(response, dict):
-        retries = response.get("ResponseMetadata", {}).get("RetryAttempts")
-        if isinstance(retries, int):
-            return retries + 1
-    cause = error.__cause__ or error.__context__
-    if cause is not None and cause is not error:
-        return request_attempts(cause)
-    return 1
+@dataclasses.dataclass
+class RequestCount:
+    """HTTP requests sent for the calls made inside one ``counting_requests()`` block."""
+
+    sent: int = 0
+    """All requests, every retry included."""
+    last_attempts: int = 0
+    """How many times the latest request was tried (one operation may send several
+    different requests: a HEAD, then a LIST)."""
+    started: float = dataclasses.field(default_factory=time.monotonic)
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+
+_REQUESTS: contextvars.ContextVar[RequestCount | None] = contextvars.ContextVar(
+    "shardflow_requests", default=None
+)
+
+
+@contextlib.contextmanager
+def counting_requests() -> Iterator[RequestCount]:
+    """Count the requests botocore sends (its own retries included) for the calls made in the
+    block, in this thread or task and in the event-loop tasks it starts.
+
+    Why count rather than read the error: botocore retries a refused connection or a read
+    timeout itself, and the error it finally raises carries no response, so no retry count;
+    such a read used to give up "after 1 attempt" after eight attempts and 43 s of backoff.
+    """
+    count = RequestCount()
+    token = _REQUESTS.set(count)
+    try:
+        yield count
+    finally:
+        _REQUESTS.reset(token)
+
+
+def count_request(attempts: int = 1, **_: Any) -> None:
+    """botocore's ``needs-retry`` event, which follows every request sent, answered or not;
+    registered on each S3 session (``io._s3_filesystem``). Returns None: it decides nothing."""
+    count = _REQUESTS.get()
+    if count is not None:
+        count.sent += 1
+        count.last_attempts = attempts
+
+
+def store_answer(error: BaseException) -> BaseException:
+    """The object store's own error behind ``error`` (botocore's ClientError, which s3fs
+    translates into FileNotFoundError, PermissionError …), else ``error`` itself."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(getattr(seen, "response", None), dict):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return error
 
 
 # A body that broke off while botocore read it (an error response's XML): botocore's retry

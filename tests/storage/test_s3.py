@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -24,12 +25,16 @@ import boto3
 import pytest
 from support.faultproxy import FaultProxy, FaultSchedule
 
+from dataflow.errors import DatasetIndexError
+from dataflow.index import DatasetIndex
 from dataflow.storage import (
     StorageConfig,
     StorageError,
     exists,
     list_files,
     list_objects,
+    make_bucket,
+    may_create_bucket,
     open_read,
     open_write,
     read_bytes,
@@ -42,6 +47,7 @@ from dataflow.storage import (
     write_bytes,
 )
 from dataflow.storage import io as storage_io
+from dataflow.storage.local_s3 import free_port
 
 if TYPE_CHECKING:
     from conftest import S3Bucket
@@ -306,8 +312,10 @@ def test_persistent_request_faults_give_up_after_max_attempts(
     message = str(caught.value)
     assert url in message
     assert "gave up on transient faults" in message
-    if schedule.stall == 0:  # a timeout carries no response to count botocore's retries
-        assert "after 2 attempts" in message
+    # A timeout carries no response to read botocore's retry count from: every request is
+    # counted as it is sent instead.
+    assert "after 2 attempts in " in message, message
+    assert caught.value.attempts == 2
     # botocore's total_max_attempts counts the first try: two GETs in all, not three.
     assert proxy.stats["requests"] == 2
     assert sum(proxy.stats["faults"].values()) == 2
@@ -434,3 +442,105 @@ def test_a_failed_upload_leaves_no_spool_file(s3: S3Bucket, tmp_path: Path) -> N
     ):
         handle.write(b"an object with nowhere to go")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages that say what happened
+
+
+def _seconds_in(message: str) -> float:
+    match = re.search(r"after \d+ attempts in (\d+\.\d) s", message)
+    assert match, message
+    return float(match.group(1))
+
+
+def test_an_unreachable_endpoint_reports_every_attempt_and_the_time(tmp_path: Path) -> None:
+    """Found as "after 1 attempt" printed after 43 s: botocore retries a refused connection
+    itself, and an error without a response cannot tell how often it tried."""
+    config = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", max_attempts=3)
+    url = "s3://bucket/object.bin"
+    for operation in (
+        lambda: read_bytes(url, config=config),
+        lambda: size(url, config=config),
+        lambda: write_bytes(url, b"x", config=config),
+    ):
+        began = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            operation()
+        elapsed = time.monotonic() - began
+        message = str(caught.value)
+        assert "gave up on transient faults" in message and url in message, message
+        assert "after 3 attempts in " in message, message
+        assert caught.value.attempts == 3
+        assert 0 < _seconds_in(message) <= elapsed + 0.05, (message, elapsed)
+
+
+def test_a_missing_bucket_is_named_and_not_read_as_a_missing_dataset(s3: S3Bucket) -> None:
+    bucket = f"no-such-bucket-{s3.url[-12:]}"
+    with pytest.raises(StorageError) as caught:
+        DatasetIndex.load(f"s3://{bucket}/photos", config=s3.config)
+    message = str(caught.value)
+    assert f"bucket '{bucket}' does not exist (NoSuchBucket)" in message, message
+    assert "convert" not in message  # not "index.json does not exist: convert the dataset"
+    for operation in (read_bytes, size, list_objects):
+        with pytest.raises(StorageError, match=f"bucket '{bucket}' does not exist"):
+            operation(f"s3://{bucket}/photos/index.json", config=s3.config)
+    # A missing key in a bucket that exists is still a missing dataset.
+    with pytest.raises(DatasetIndexError, match=r"index\.json does not exist"):
+        DatasetIndex.load(f"{s3.url}/photos", config=s3.config)
+
+
+def test_a_write_creates_a_missing_bucket_only_when_allowed(s3: S3Bucket) -> None:
+    bucket = f"new-bucket-{s3.url[-12:]}"
+    refused = dataclasses.replace(s3.config, create_bucket=False)
+    with pytest.raises(StorageError) as caught:
+        make_bucket(f"s3://{bucket}/photos", config=refused)
+    message = str(caught.value)
+    assert f"bucket '{bucket}' does not exist" in message, message
+    assert "storage.create_bucket = true" in message, message
+    assert not exists(f"s3://{bucket}", config=s3.config)
+    # The embedded server is on loopback: there, unset means allowed.
+    make_bucket(f"s3://{bucket}/photos", config=s3.config)
+    write_bytes(f"s3://{bucket}/photos/a.bin", b"a", config=refused)
+    assert read_bytes(f"s3://{bucket}/photos/a.bin", config=refused) == b"a"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "loopback"),
+    [
+        ("http://127.0.0.1:9000", True),
+        ("http://127.0.0.53", True),
+        ("http://localhost:9000", True),
+        ("http://[::1]:9000", True),
+        ("https://s3.us-east-1.amazonaws.com", False),
+        ("http://192.0.2.7:9000", False),
+        ("http://minio.invalid:9000", False),
+        ("", False),  # AWS itself
+    ],
+)
+def test_only_a_loopback_endpoint_may_create_buckets_by_default(
+    endpoint: str, loopback: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    config = StorageConfig(endpoint_url=endpoint)
+    assert may_create_bucket(config) is loopback
+    assert may_create_bucket(dataclasses.replace(config, create_bucket=True))
+    assert not may_create_bucket(dataclasses.replace(config, create_bucket=False))
+
+
+def test_convert_to_a_missing_bucket_says_which_setting_to_flip(
+    s3: S3Bucket, photo_folder: Path, tmp_path: Path
+) -> None:
+    bucket = f"missing-{s3.url[-12:]}"
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parents[2] / "tools" / "convert.py"),
+         "--input", str(photo_folder), "--output", f"s3://{bucket}/photos", "--quiet",
+         f"--storage.endpoint_url={s3.config.endpoint_url}", "--storage.create_bucket=false"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert f"bucket '{bucket}' does not exist" in lines[0]
+    assert "storage.create_bucket = true" in lines[0]

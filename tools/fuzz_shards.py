@@ -7,14 +7,16 @@ and verification; every case must end in success or a typed error naming shard a
 Even cases damage a tar (tests/support/fuzz.py: truncation, flipped header and payload bytes,
 headers with a right checksum but wrong fields, huge and negative sizes, duplicate keys,
 ``../`` and absolute names, links and devices, PAX records, image bombs, hostile values,
-missing fields, an early end); the attacker also writes the index (``index_existing_tars``),
-then one epoch is loaded with ``on_bad_sample = "skip"`` and the dataset is verified. Odd
-cases damage a Parquet shard (footer bytes, footer length, truncation, body bytes) under the
-index written before. A finding is any other exception, a case over 20 s, the interpreter
-dying (``--verbose`` prints each case before it runs), a file written outside the case's
-folder, a sample neither delivered nor counted as skipped, or verify passing a damaged
-Parquet shard. Prints a table per mutation and the peak RSS; writes
-``<out>/fuzz_shards.json``; exits 1 when there are findings.
+missing fields, an early end, a truncated JPEG); the attacker also writes the index
+(``index_existing_tars``), then one epoch is loaded with ``on_bad_sample = "skip"``, the
+dataset is verified, and the tars are re-sharded by ``convert`` with ``on_bad_input =
+"skip"``. Odd cases damage a Parquet shard (footer bytes, footer length, truncation, body
+bytes) under the index written before. A finding is any other exception, a case over 20 s,
+the interpreter dying (``--verbose`` prints each case before it runs), a file written
+outside the case's folder, a sample neither delivered (or written) nor counted as skipped,
+verify passing a damaged Parquet shard, or a re-shard copying an image that does not
+decode. Prints a table per mutation and the peak RSS; writes ``<out>/fuzz_shards.json``;
+exits 1 when there are findings.
 """
 
 from __future__ import annotations

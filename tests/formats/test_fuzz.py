@@ -56,3 +56,19 @@ def test_a_damaged_parquet_footer_does_not_abort_verify(tmp_path: Path) -> None:
                           text=True, timeout=110)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["flip_body", "ok", "8"]  # every sample skipped, counted
+
+
+@pytest.mark.timeout(120)
+def test_a_reshard_never_passes_a_truncated_or_oversized_jpeg(tmp_path: Path) -> None:
+    """Issue 17.11: re-sharding tars copied truncated JPEGs and image bombs (a 60,000² JPEG)
+    with "0 skipped". In the fuzzer's cases holding one, the re-shard skips and counts it."""
+    from support import fuzz
+
+    cases = {mutation: [n for n in range(0, 400, 2) if fuzz.plan(n, 1)[1] == mutation][:4]
+             for mutation in ("truncated_image", "image_bomb")}  # fmt: skip
+    for mutation, numbers in cases.items():
+        assert len(numbers) == 4, mutation
+        for number in numbers:
+            outcome = fuzz.run_tar_case(number, 1, str(tmp_path))
+            assert outcome.result == "ok", (mutation, number, outcome.detail)
+            assert outcome.resharded_skipped == 1, (mutation, number)

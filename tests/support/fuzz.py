@@ -8,7 +8,10 @@ what a user runs on shards from elsewhere:
 - tars: index them in place (``index_existing_tars``, the attacker also writes the index),
   train on them one epoch with ``on_bad_sample = "skip"`` (decode, crop, labels), and
   ``verify`` them against that index, decoding every field;
-- Parquet: the loader (skip) and ``verify`` against the index written before the damage.
+- Parquet: the loader (skip) and ``verify`` against the index written before the damage;
+- tars again: re-shard them (``convert`` with ``on_bad_input = "skip"``): every sample is
+  written or counted as skipped, and no written image fails the decode check (a truncated
+  or oversized JPEG once passed silently, issue 17.11).
 
 A case must end in success — every indexed sample delivered or skipped and counted — or in
 a typed ``DataError`` that names the shard and an offset or key. Anything else (another
@@ -252,6 +255,12 @@ def _tar_mutations() -> dict[str, Callable[[bytes, list[tuple[str, bytes]], rand
                     data[at + 4 : at + 6] = rng.randrange(65536).to_bytes(2, "big")
         return pack([(n, bytes(data) if n == name else d) for n, d in members])
 
+    def truncated_image(_: bytes, members: list[tuple[str, bytes]], rng: random.Random) -> bytes:
+        """A JPEG member cut short inside its coded data; the tar itself is whole."""
+        jpeg = next(data for name, data in members if name.endswith(".jpg"))
+        cut = rng.randrange(jpeg.find(b"\xff\xda") + 2, len(jpeg) - 2)
+        return pack(_replace_member(members, rng, ".jpg", jpeg[:cut]))
+
     def early_end(data: bytes, _: Any, rng: random.Random) -> bytes:
         start = rng.choice(_header_spans(data))[0]
         return data[:start] + b"\0" * BLOCK + data[start:]
@@ -259,7 +268,7 @@ def _tar_mutations() -> dict[str, Callable[[bytes, list[tuple[str, bytes]], rand
     return {f.__name__: f for f in (
         truncate, flip_header, flip_header_field, flip_payload, huge_size, base256_size,
         duplicate_key, escaping_name, link_member, pax_header, image_bomb, hostile_value,
-        damaged_scan, missing_field, early_end,
+        damaged_scan, missing_field, early_end, truncated_image,
     )}  # fmt: skip
 
 
@@ -292,6 +301,8 @@ class Outcome:
     detail: str = ""
     seconds: float = 0.0
     skipped: int = 0
+    resharded_skipped: int = 0
+    """Samples the re-shard of a tar case skipped (and counted)."""
 
 
 @dataclass
@@ -380,7 +391,7 @@ def run_tar_case(number: int, seed: int, sandbox: str) -> Outcome:
             index = index_existing_tars(folder, progress=False, threads=1)
         except DataError as error:
             outcome.result, outcome.detail = _typed(error, shard)
-            return outcome
+            return _reshard(folder, shard, outcome)
         delivered, skipped = _epoch(folder)
         outcome.skipped = skipped
         if delivered + skipped != index.num_samples:
@@ -389,6 +400,57 @@ def run_tar_case(number: int, seed: int, sandbox: str) -> Outcome:
         verify_dataset(folder, decode=True, threads=1, progress=False)
     except DataError as error:
         outcome.result, outcome.detail = _typed(error, shard)
+    return _reshard(folder, shard, outcome)
+
+
+def _reshard(folder: str, shard: str, outcome: Outcome) -> Outcome:
+    """The case's tars re-sharded by ``convert`` (skip policy, images decode-checked), after
+    the checks above: each sample written or skipped and counted, no written image failing
+    the decode check; or a typed error naming the damaged tar. Input and output lie in
+    folders of their own inside the case's, so the checks above never see them."""
+    import shutil
+    import tarfile
+
+    from dataflow.convert.config import ConvertConfig
+    from dataflow.convert.job import convert
+    from dataflow.convert.sources import scan_tar
+    from dataflow.formats.codec import check_image
+    from dataflow.storage import StorageConfig
+
+    source, output = os.path.join(folder, "reshard-in"), os.path.join(folder, "reshard-out")
+    os.makedirs(source)
+    for name in (shard, "shard-001.tar"):
+        shutil.copyfile(os.path.join(folder, name), os.path.join(source, name))
+    try:
+        report = convert(ConvertConfig(input=source, output=output, input_format="webdataset",
+                                       on_bad_input="skip", shuffle=False, workers=1),
+                         progress=False)  # fmt: skip
+        listed = sum(len(scan_tar(os.path.join(source, name), StorageConfig()))
+                     for name in os.listdir(source))  # fmt: skip
+    except DataError as error:
+        if outcome.result in ("ok", "typed"):  # the re-shard must name the tar too
+            outcome.result, outcome.detail = _typed(error, shard)
+        return outcome
+    outcome.resharded_skipped = report.skipped
+    written: set[str] = set()
+    for name in sorted(os.listdir(output)):
+        if not name.endswith(".tar"):
+            continue
+        with tarfile.open(os.path.join(output, name)) as archive:
+            for member in archive:
+                written.add(member.name.split(".", 1)[0])
+                data = archive.extractfile(member)
+                if not member.name.endswith(".jpg") or data is None:
+                    continue
+                try:
+                    check_image(data.read())
+                except ValueError as error:
+                    outcome.result = "missed"
+                    outcome.detail = f"re-shard copied {member.name}: {error}"[:300]
+                    return outcome
+    if len(written) + report.skipped != listed:
+        outcome.result = "lost"
+        outcome.detail = f"re-shard: {len(written)} written + {report.skipped} skipped of {listed}"
     return outcome
 
 

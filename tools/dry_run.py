@@ -4,11 +4,14 @@ of a world of any size on torch's fake process group, builds the mesh, paralleli
 model and runs a training step, as each of those ranks would.
 
     python tools/dry_run.py --config configs/hybrid-parallel.toml --world 1024 \\
-        [--ranks 0,511,512,1023] [--section.key=value ...]
+        --data.global_batch=1024
 
-Exits 1 with the first rank's error (a degree that does not divide, heads that tensor
-parallelism cannot split, a batch that does not split, …); otherwise prints what each played
-rank holds: parameters, and the MB of parameters, gradients and optimizer state. See
+The global batch must split over the job's data-parallel ranks: the file's 64 is for its 4
+processes; at 1,024 ranks, dp_shard = 2 and tp = 2 leave 512. ``--ranks 0,511,…`` chooses
+the ranks to play (default: first, middle, last); any ``--section.key=value`` overrides the
+config. Exits 1 with the first rank's error (a degree that does not divide, heads that
+tensor parallelism cannot split, a batch that does not split, …); otherwise prints what each
+played rank holds: parameters, and the MB of parameters, gradients and optimizer state. See
 ``trainer.dry_run``.
 """
 

@@ -120,7 +120,7 @@ class ParallelConfig:
     latency terms, no overlap). hierarchical: for each bucket, reduce-scatter inside the
     node, all-reduce of the shards across nodes, all-gather inside the node — the
     cross-node step carries 1/node_size of the bytes, and is the only one [compression]
-    compresses. `python tools/comm_model.py` prints what each costs."""
+    compresses. `python tools/bench_comm.py` prints what each costs."""
     node_size: int = 0
     """Ranks per node for allreduce = "hierarchical" (0: torchrun's LOCAL_WORLD_SIZE)."""
     decentralized: Literal["none", "gossip", "local_sgd"] = "none"

@@ -71,9 +71,11 @@ def _synthetic_batch(config: Config, rows: int) -> dict[str, Any]:
 def check_batch(config: Config, dp_world: int) -> int:
     """The per-rank batch, or a ValueError naming the settings that do not divide."""
     if config.data.global_batch % dp_world:
+        fits = -(-config.data.global_batch // dp_world) * dp_world  # the next multiple up
         raise ValueError(
             f"data.global_batch = {config.data.global_batch} does not split over the "
-            f"{dp_world} data-parallel ranks"
+            f"{dp_world} data-parallel ranks: use a multiple of {dp_world}, e.g. "
+            f"--data.global_batch={fits}"
         )
     per_rank = config.data.global_batch // dp_world
     if config.parallel.pp > 1 and per_rank % config.parallel.microbatches:

@@ -4,6 +4,8 @@ the settings a cluster job would trip over fail here, naming the rank and the se
 
 from __future__ import annotations
 
+import re
+import shlex
 import subprocess
 import sys
 
@@ -114,3 +116,39 @@ def test_the_tool_prints_each_played_rank() -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "1024 ranks: dp_shard=128 × tp=8; data parallelism: fsdp" in done.stdout
     assert "pp=0 dp_replicate=0 dp_shard=127 tp=7" in done.stdout
+
+
+def documented_commands() -> list[list[str]]:
+    """The dry-run commands that the README and the tool's own usage text give."""
+    usage = (ROOT / "tools" / "dry_run.py").read_text().split('"""')[1]
+    found = re.findall(r"`(python tools/dry_run\.py [^`]*)`", (ROOT / "README.md").read_text())
+    found += [" ".join(line.strip().rstrip("\\").strip() for line in usage.split("\n\n")[1]
+                       .splitlines())]  # fmt: skip
+    return [shlex.split(command) for command in found]
+
+
+@pytest.mark.timeout(120)
+def test_the_documented_dry_run_command_runs_as_written() -> None:
+    commands = documented_commands()
+    assert len(commands) == 2, commands
+    for command in commands:
+        done = subprocess.run([sys.executable, *command[1:]], cwd=ROOT, env=trainer_env(),
+                              capture_output=True, text=True, timeout=100)  # fmt: skip
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+        assert done.stdout.startswith("1024 ranks: "), done.stdout
+
+
+def test_every_tool_the_docs_and_code_name_exists() -> None:
+    named = {}
+    for path in [ROOT / "README.md", *ROOT.glob("configs/*.toml"), *ROOT.glob("trainer/**/*.py"),
+                 *ROOT.glob("tools/*.py"), *ROOT.glob("dataflow/**/*.py")]:  # fmt: skip
+        for tool in re.findall(r"\btools/\w+\.py\b", path.read_text()):
+            named.setdefault(tool, path.relative_to(ROOT))
+    missing = {tool: str(where) for tool, where in named.items() if not (ROOT / tool).exists()}
+    assert not missing, f"named but not in tools/: {missing}"
+
+
+def test_a_batch_that_does_not_split_says_what_would() -> None:
+    with pytest.raises(ValueError, match="rank 0 of 1024") as caught:
+        play_ranks(config("--data.global_batch=1000"), WORLD, [0])
+    assert "use a multiple of 512, e.g. --data.global_batch=1024" in str(caught.value)

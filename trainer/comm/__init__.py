@@ -10,7 +10,7 @@ and decentralized training (``parallel.decentralized``, ``decentral``): gossip a
 with neighbours (D-PSGD) and local SGD / DiLoCo's periodic averaging.
 
 ``model`` holds the communication model: bytes per rank and sequential latency terms of
-each strategy, for planning clusters larger than the one at hand (``tools/comm_model.py``).
+each strategy, for planning clusters larger than the one at hand (``tools/bench_comm.py``).
 """
 
 from __future__ import annotations

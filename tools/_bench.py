@@ -321,7 +321,9 @@ def drive_loader(data: Any, store: Any, *, seconds: float | None = None,
     try:
         while True:
             loader.set_epoch(epoch)
+            delivered = False
             for batch in loader:
+                delivered = True
                 if warming:
                     warming = False
                     started = time.perf_counter()
@@ -334,6 +336,12 @@ def drive_loader(data: Any, store: Any, *, seconds: float | None = None,
                     seconds is not None and elapsed >= seconds
                 ):  # fmt: skip
                     return LoaderRun(count, samples, elapsed, loader.metrics())
+            if not delivered:  # every later epoch would be as empty: this loop would not end
+                raise BenchmarkError(
+                    f"epoch {epoch} of {data.url} gave no batch",
+                    hint="data.global_batch must not exceed the dataset's samples, or set "
+                    "data.drop_last = false",
+                )
             epoch += 1
     finally:
         loader.close()

@@ -15,13 +15,16 @@ resident memory while it runs). The cache is off during trials, so every setting
 storage as the first epoch does.
 
 Writes a copy of the config with the tuned values (its comments kept) under a header stating
-the measured gain, and a plot of the search (``--plot``, default next to ``--out``).
+the measured gain, and a plot of the search (``--plot``, default next to ``--out``). The
+copy is the config that was measured: ``--section.key=value`` overrides are written into it
+too, marked as set on the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import json
 import os
 import re
 import sys
@@ -32,7 +35,7 @@ from typing import Any
 import _cli
 from _bench import drive_loader, rss_bytes
 
-from dataflow.config import format_bytes, parse_bytes
+from dataflow.config import format_bytes, parse_bytes, split_overrides
 from dataflow.index import DatasetIndex
 from dataflow.pipeline import DataConfig
 from dataflow.storage import StorageConfig, protocol_of
@@ -122,7 +125,7 @@ def toml_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, str):
-        return f'"{value}"'
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
     if isinstance(value, int) and value >= 1 << 20 and value % (1 << 20) == 0:
         return f'"{value >> 20}MiB"'
     return repr(value)
@@ -132,9 +135,16 @@ def rewrite(text: str, values: dict[str, Any], was: dict[str, Any]) -> str:
     """``text`` (a TOML file) with each ``section.key`` set to its value, marked with what it
     was: an existing line keeps its comment after the mark; a missing key goes at the top of
     its section (made if missing)."""
+    marks = {path: f"# tuned, was {toml_value(was[path])}" for path in values}
+    return set_values(text, values, marks)
+
+
+def set_values(text: str, values: dict[str, Any], marks: dict[str, str]) -> str:
+    """``text`` with each ``section.key`` (the section may be dotted) set to its value and
+    its mark, as ``rewrite`` describes."""
     lines = text.splitlines()
     for path, value in values.items():
-        section, key = path.split(".", 1)
+        section, key = path.rsplit(".", 1)
         header = re.compile(rf"^\s*\[{re.escape(section)}\]\s*(#.*)?$")
         start = next((i for i, line in enumerate(lines) if header.match(line)), None)
         if start is None:
@@ -143,7 +153,7 @@ def rewrite(text: str, values: dict[str, Any], was: dict[str, Any]) -> str:
         end = next((i for i in range(start + 1, len(lines)) if lines[i].lstrip().startswith("[")),
                    len(lines))  # fmt: skip
         pattern = re.compile(rf"^(\s*{re.escape(key)}\s*=\s*)([^#]*?)(\s*#.*)?$")
-        mark = f"# tuned, was {toml_value(was[path])}"
+        mark = marks[path]
         for i in range(start + 1, end):
             match = pattern.match(lines[i])
             if match:
@@ -200,6 +210,19 @@ def search(config_path: str | None, data: DataConfig, store: StorageConfig, *, b
                 estimate=lambda values: memory_estimate(values, workload))  # fmt: skip
 
 
+def command_line_values(config: Any, argv: list[str]) -> dict[str, Any]:
+    """The ``--section.key=value`` overrides on ``argv``, as the loaded ``config`` holds them
+    (typed: sizes as bytes, numbers as numbers)."""
+    values = {}
+    for override in split_overrides(argv)[1]:
+        path = override.split("=", 1)[0].strip()
+        value = config
+        for part in path.split("."):
+            value = value[part] if isinstance(value, dict) else getattr(value, part)
+        values[path] = value
+    return values
+
+
 def main() -> int:
     arguments = _cli.parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--budget", type=float, required=True, help="seconds to search")
@@ -230,6 +253,9 @@ def main() -> int:
         f"# Changed: " + (", ".join(f"{p} = {show(v)}" for p, v in result.best.values.items()
                                     if result.start.values[p] != v) or "nothing") + "\n"
     )  # fmt: skip
+    # What was measured: the file, the command line's overrides on it, the tuned values.
+    given = command_line_values(config, sys.argv[1:])
+    source = set_values(source, given, dict.fromkeys(given, "# set on the command line"))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w", encoding="utf-8") as handle:
         changed = {p: v for p, v in result.best.values.items() if result.start.values[p] != v}
@@ -242,4 +268,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _cli.run(main)

@@ -77,3 +77,45 @@ def test_rewrite_marks_changed_keys_and_adds_missing_keys_and_sections(
     ]
     parsed = tomllib.loads(text)
     assert parsed["storage"] == {"connections": 8, "range_size": "16MiB"}
+
+
+@pytest.fixture
+def photo_shards(photo_folder: Path, tmp_path: Path) -> Path:
+    """The 60 photos as local tar shards of 10."""
+    shards = tmp_path / "shards"
+    convert(ConvertConfig(input=str(photo_folder), output=str(shards), max_shard_samples=10,
+                          workers=1), progress=False)  # fmt: skip
+    return shards
+
+
+@pytest.mark.timeout(240)
+def test_tune_io_writes_the_config_it_measured_command_line_overrides_included(
+    photo_shards: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "base.toml"
+    config.write_text("[data]\nimage_size = 64\ndecode_workers = 1\n")
+    tuned = tmp_path / "tuned.toml"
+    done = tool("tune_io.py", "--config", str(config), f"--data.url={photo_shards}",
+                "--data.global_batch=8", "--budget", "3", "--trial-seconds", "0.3",
+                "--out", str(tuned), "--quiet")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = tuned.read_text()
+    # The settings were measured with the overrides: the tuned file must hold them too.
+    tuned_config = load(tuned)
+    assert tuned_config.data.url == str(photo_shards), text
+    assert tuned_config.data.global_batch == 8, text
+    assert tuned_config.data.image_size == 64
+    assert f'url = "{photo_shards}"  # set on the command line' in text.splitlines()
+
+
+@pytest.mark.timeout(120)
+def test_tune_io_stops_with_one_line_when_the_dataset_is_smaller_than_a_batch(
+    photo_shards: Path, tmp_path: Path
+) -> None:
+    done = tool("tune_io.py", f"--data.url={photo_shards}", "--data.global_batch=128",
+                "--data.image_size=64", "--budget", "3", "--trial-seconds", "0.3",
+                "--out", str(tmp_path / "tuned.toml"), "--quiet", timeout=100)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "data.global_batch" in lines[0], done.stderr[-3000:]
+    assert not (tmp_path / "tuned.toml").exists()

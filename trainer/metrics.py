@@ -3,7 +3,10 @@
 Each line is one JSON object with an ``event``: ``start`` (layout, resume point, restart
 count), ``step`` (loss, lr, step time, data-wait time and the stall fraction it makes of
 the step, samples/s, gradient communication time where it can be measured), ``eval``,
-``checkpoint`` and ``end`` (totals). The stall fraction is the share of wall time the
+``checkpoint``, ``stopped`` (saved on SIGTERM) and ``end`` (totals). Every record carries the
+``run`` id of the launch that wrote it: a resumed run appends to the same file, and steps it
+repeats (those after its checkpoint that the previous launch had already logged) are
+dropped by ``current``, as the plot does. The stall fraction is the share of wall time the
 trainer spent waiting for the loader: near 0 means the input pipeline keeps up.
 """
 
@@ -19,8 +22,9 @@ from tqdm import tqdm
 
 class TrainMetrics:
     def __init__(self, out_dir: str, *, enabled: bool, progress: bool, total_steps: int,
-                 initial_step: int) -> None:  # fmt: skip
+                 initial_step: int, run_id: str) -> None:  # fmt: skip
         self.enabled = enabled
+        self.run_id = run_id
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self._handle = None
         self._bar: tqdm[Any] | None = None
@@ -34,7 +38,7 @@ class TrainMetrics:
     def event(self, event: str, **fields: Any) -> None:
         if self._handle is None:
             return
-        record = {"event": event, "time": round(time.time(), 3), **fields}
+        record = {"event": event, "time": round(time.time(), 3), "run": self.run_id, **fields}
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
         if self._bar is not None and event == "step":
@@ -63,3 +67,15 @@ def _short(value: Any) -> str:
 def read_metrics(path: str) -> list[dict[str, Any]]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def current(records: list[dict[str, Any]], event: str = "step") -> list[dict[str, Any]]:
+    """The ``event`` records that still stand: a launch that resumed from step S replaced
+    whatever earlier launches logged after S (they trained on, then lost it to a crash)."""
+    kept: list[dict[str, Any]] = []
+    for record in records:
+        if record["event"] == "start":
+            kept = [r for r in kept if r["step"] <= record["step"]]
+        elif record["event"] == event:
+            kept.append(record)
+    return kept

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import os
 
-from trainer.metrics import read_metrics
+from trainer.metrics import current, read_metrics
 
 
 def plot_training(metrics_path: str, png_path: str) -> str:
-    """Write ``png_path`` (loss; samples/s with the stall share; held-out accuracy)."""
+    """Write ``png_path`` (loss; samples/s with the stall share; held-out accuracy). Steps
+    that a resume replaced are left out: each step is drawn as the run that stands trained it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = read_metrics(metrics_path)
-    steps = [r for r in records if r["event"] == "step"]
-    evals = [r for r in records if r["event"] == "eval"]
+    steps = current(records, "step")
+    evals = current(records, "eval")
     restarts = [r["step"] for r in records if r["event"] == "start" and r.get("resumed_from")]
     figure, (loss_axis, speed_axis) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     loss_axis.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1, label="train loss")

@@ -8,6 +8,11 @@ does it). Backend NCCL with CUDA, gloo on CPU. The loop:
         ─▶ clip, lr, optimizer step ─▶ metrics line ─▶ checkpoint every `interval` steps
     ─▶ evaluate on the held-out split after each epoch ─▶ final checkpoint, plot
 
+Around it: rank 0 holds a lease on ``train.out_dir`` (``trainer.lease``: a second job there
+is refused); SIGTERM or the torchrun agent's death stops all ranks after the same step with
+a checkpoint (``trainer.preemption``); a requeued job whose checkpoint is already the last
+step says so and exits 0.
+
 The loader reads ahead and decodes on its own threads while the step computes, and (on a
 GPU) copies the next batch on a side stream; the data-wait time per step is what is left
 over — the stall — and is logged with its share of the step.
@@ -24,6 +29,7 @@ import math
 import os
 import sys
 import time
+import uuid
 import warnings
 from typing import Any
 
@@ -37,9 +43,11 @@ from dataflow.storage import StorageError
 from trainer.checkpoint import Checkpointer, RankState
 from trainer.comm import build_decentralized
 from trainer.config import Config, load
+from trainer.lease import Lease, OutDirBusyError
 from trainer.metrics import TrainMetrics
 from trainer.optim import build_optimizer, learning_rate, set_learning_rate
 from trainer.parallel import Layout, ParallelModel, build_layout, parallelize
+from trainer.preemption import EXIT_CODE, Stopped, StopRequest
 from trainer.step import autocast, clip_gradients, evaluate, forward_backward, global_mean
 from trainer.tasks import split_batch
 
@@ -57,13 +65,53 @@ def _device(config: Config) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+class RendezvousError(Exception):
+    """The ranks did not form a process group in time."""
+
+
 def _setup_process_group(device: torch.device, timeout_s: float) -> tuple[int, int]:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
     if world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        # The timeout bounds the store connection and gloo's full-mesh connect as well as
+        # later collectives: a rank whose peers never come fails instead of waiting on.
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        except (RuntimeError, dist.DistError) as error:
+            first = (str(error).strip().splitlines() or [""])[0][-200:]
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise RendezvousError(
+                f"rank {rank} of {world_size}: the process group did not form within "
+                f"train.collective_timeout_s = {timeout_s:g} s ({type(error).__name__}: "
+                f"{first}); check that all {world_size} ranks started and reach {where}"
+            ) from error
+    restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if rank == 0 and restarts and os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE") != "1":
+        log.warning(
+            "torchrun --max-restarts without TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: "
+            "restarted workers may connect to the dead round's addresses and fail "
+            "(see the README on restarts)"
+        )
     return rank, world_size
+
+
+def _take_lease(out_dir: str, run_id: str, rank: int, world_size: int) -> Lease | None:
+    """Rank 0 takes the lease on ``out_dir``; every rank raises if it was refused."""
+    refusal, lease = "", None
+    if rank == 0:
+        lease = Lease(out_dir, run_id)
+        try:
+            lease.acquire()
+        except (OutDirBusyError, OSError) as error:
+            refusal = str(error)
+    if world_size > 1:
+        verdict = [refusal]
+        dist.broadcast_object_list(verdict, src=0)
+        refusal = verdict[0]
+    if refusal:
+        raise OutDirBusyError(refusal)
+    return lease
 
 
 def _determinism(config: Config, device: torch.device) -> None:
@@ -86,9 +134,27 @@ def _merged_loader_state(loader: Loader, world_size: int) -> dict[str, Any]:
 
 
 def train(config: Config) -> dict[str, Any]:
-    """Run the configured training; returns the end-of-run summary (the same on all ranks)."""
+    """Run the configured training; returns the end-of-run summary (the same on all ranks).
+    Raises ``Stopped`` after the checkpoint a stop request (SIGTERM) asked for."""
     device = _device(config)
     rank, world_size = _setup_process_group(device, config.train.collective_timeout_s)
+    run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
+    # Before anything touches out_dir: the loader's audit log, the checkpointer's clean-up.
+    lease = _take_lease(config.train.out_dir, run_id, rank, world_size)
+    stop = StopRequest(world_size=world_size, device=device)
+    # Whose lease this job took over (a dead holder's, as after a kill -9 or a restart).
+    previous = lease.took_over if lease is not None else None
+    took_over = f"pid {previous.get('pid')} on {previous.get('host')}" if previous else ""
+    try:
+        return _train(config, device, rank, world_size, run_id, stop, took_over)
+    finally:
+        stop.close()
+        if lease is not None:
+            lease.release()
+
+
+def _train(config: Config, device: torch.device, rank: int, world_size: int, run_id: str,
+           stop: StopRequest, took_over: str) -> dict[str, Any]:  # fmt: skip
     _determinism(config, device)
     layout = build_layout(config.parallel, rank=rank, world_size=world_size,
                           device_type=device.type)  # fmt: skip
@@ -138,13 +204,23 @@ def train(config: Config) -> dict[str, Any]:
     if config.train.max_steps:
         total_steps = min(total_steps, config.train.max_steps)
     metrics = TrainMetrics(out_dir, enabled=rank == 0, progress=config.train.progress,
-                           total_steps=total_steps, initial_step=step)  # fmt: skip
+                           total_steps=total_steps, initial_step=step, run_id=run_id)  # fmt: skip
     metrics.event(
         "start", world_size=world_size, layout=layout.describe(), strategy=model.strategy,
         device=str(device), step=step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
         global_batch=data.global_batch, resumed_from=resumed_from,
-        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)),
+        restart=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)), lease_taken_from=took_over,
     )  # fmt: skip
+    if resumed_from and step >= total_steps:
+        # A requeued job that had finished: nothing to train, and no second save of the
+        # step its checkpoint holds.
+        loader.close()
+        log.info("already complete: step %d of %d in %s", step, total_steps, resumed_from)
+        complete = {"steps": step, "total_steps": total_steps, "checkpoint": resumed_from,
+                    "complete": True, "steps_this_run": 0}  # fmt: skip
+        metrics.event("end", **complete)
+        metrics.close()
+        return complete
     if rank == 0:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "config.toml"), "w", encoding="utf-8") as handle:
@@ -230,8 +306,18 @@ def train(config: Config) -> dict[str, Any]:
                         record["comm_bytes"], record["comm_bytes_dense"] = sent, dense
                         record["compression_ratio"] = round(dense / max(sent, 1), 3)
                     metrics.event("step", **record)
-                if config.checkpoint.interval and step % config.checkpoint.interval == 0:
+                saved = bool(config.checkpoint.interval) and step % config.checkpoint.interval == 0
+                if saved:
                     save()
+                reason = stop.agreed()
+                if reason:
+                    if not saved:
+                        save()
+                    checkpointer.wait()
+                    metrics.event("stopped", step=step, reason=reason)
+                    metrics.close()
+                    raise Stopped(step, reason, os.path.join(checkpointer.directory,
+                                                             f"step-{step:08d}"))  # fmt: skip
                 mark = time.perf_counter()
             finished_epoch = loader.epoch == epoch and loader.step >= steps_per_epoch
             if finished_epoch and config.train.eval_url:
@@ -306,7 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", 0))
     try:
         summary = train(config)
-    except (DataError, StorageError, ValueError) as error:
+    except Stopped as stopped:
+        print(f"rank {rank}: {stopped}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return EXIT_CODE
+    except (DataError, StorageError, ValueError, OutDirBusyError, RendezvousError) as error:
         # A bad setting or bad data: one readable line per rank, no traceback. No barrier
         # either — the other ranks may never get there; torchrun stops them.
         print(f"error (rank {rank}): {error}", file=sys.stderr)
@@ -316,7 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-    if rank == 0:
+    if rank == 0 and summary.get("complete"):
+        print(f"already complete: step {summary['steps']} of {summary['total_steps']} "
+              f"({summary['checkpoint']}); nothing to train (raise --train.epochs or "
+              f"--train.max_steps to train further)")  # fmt: skip
+    elif rank == 0:
         held_out = summary["eval"]
         accuracy = f", held-out accuracy {held_out['accuracy']:.4f}" if held_out else ""
         print(f"finished: {summary['steps']} steps, loss {summary['loss']:.4f}, "

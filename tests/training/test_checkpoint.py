@@ -36,6 +36,7 @@ from dataflow.config import build
 from dataflow.pipeline import Loader
 from dataflow.pipeline.config import DataConfig
 from dataflow.storage import StorageConfig
+from trainer.metrics import current
 
 from .conftest import (
     ROOT,
@@ -401,6 +402,7 @@ def test_a_killed_worker_restarts_and_every_sample_is_delivered_once(
     run = Run(tmp_path, read_metrics(tmp_path))
     first, second = run.events("start")  # exactly one restart
     assert (first["restart"], second["restart"]) == (0, 1)
+    assert first["run"] != second["run"]
     resumed_step = second["step"]
     # Resumed from a checkpoint of epoch 0 taken before the kill: the kill was mid-epoch.
     assert 0 < resumed_step < STEPS_PER_EPOCH and resumed_step % interval == 0, second
@@ -408,6 +410,12 @@ def test_a_killed_worker_restarts_and_every_sample_is_delivered_once(
     after_restart = run.records[run.records.index(second) :]
     steps = [r["step"] for r in after_restart if r["event"] == "step"]
     assert steps == list(range(resumed_step + 1, total + 1))
+    # The steps after the checkpoint that the first round logged, then lost, are replaced:
+    # the plot draws each step once, as the restarted round trained it.
+    assert len(run.events("step")) > total
+    standing = current(run.records)
+    assert [r["step"] for r in standing] == list(range(1, total + 1))
+    assert {r["run"] for r in standing if r["step"] > resumed_step} == {second["run"]}
     assert run.events("end")[-1]["steps"] == total
 
     delivered = audit_batches(tmp_path)

@@ -68,12 +68,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# The rendezvous of the README's restart recipe (a test checks that they agree).
+RENDEZVOUS = ["--rdzv-backend=c10d", "--rdzv-conf=join_timeout=120,read_timeout=60"]
+
+
 def trainer_command(nproc: int, overrides: list[str], *, max_restarts: int = 0) -> list[str]:
     if nproc == 1 and not max_restarts:
         return [sys.executable, "-m", "trainer.train", *overrides]
     return [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-        f"--max-restarts={max_restarts}", "--rdzv-backend=c10d",
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={nproc}",
+        f"--max-restarts={max_restarts}", *RENDEZVOUS,
         f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--monitor-interval=0.2",
         "-m", "trainer.train", *overrides,
     ]  # fmt: skip

@@ -323,6 +323,9 @@ def _train(config: Config, device: torch.device, rank: int, world_size: int, run
             if finished_epoch and config.train.eval_url:
                 last_eval = _evaluate(config, model, layout, split, precision)
                 metrics.event("eval", step=step, epoch=epoch, **last_eval)
+        if stop.settle():
+            # Asked at the last step: its checkpoint is the final one, saved below.
+            log.info("a stop request came at the last step; finishing it")
         if not config.checkpoint.interval or step % config.checkpoint.interval:
             save()
         checkpointer.wait()

@@ -13,8 +13,8 @@ it ends. A lease that is there already is
   restart; on another host, when its heartbeat stopped: the holder touches the file every
   ``HEARTBEAT_S`` seconds, and a taker watches it for ``stale_after_s`` (no clocks compared).
 
-The check-and-take-over runs under ``flock`` on a side file, where the file system has it,
-so two relaunches racing for a dead holder's lease cannot both win. Cost: one small file
+The check-and-take-over runs under ``flock`` on the out_dir itself, where the file system
+has it, so two relaunches racing for a dead holder's lease cannot both win. Cost: one small file
 write at start, a ``utime`` every ``HEARTBEAT_S``; a takeover from another host waits
 ``stale_after_s``.
 """
@@ -159,13 +159,14 @@ class Lease:
 
     @contextlib.contextmanager
     def _exclusive(self) -> Any:
-        """flock on a side file for the check-and-take-over (skipped where unsupported)."""
-        descriptor = os.open(f"{self.path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """flock on the directory for the check-and-take-over (no file left behind); skipped
+        where the file system cannot lock (NFS wants a writable descriptor, say)."""
+        descriptor = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
         try:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX)
             except OSError as error:
-                if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL):
+                if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF):
                     raise
             yield
         finally:

@@ -252,4 +252,4 @@ def test_a_lease_from_another_host_is_refused_while_its_heartbeat_goes_on(tmp_pa
     assert lease.took_over is not None and lease.took_over["host"] == "elsewhere"
     assert json.loads(path.read_text())["run"] == "mine"
     lease.release()
-    assert not path.exists()
+    assert list(tmp_path.iterdir()) == [], "the lease left files behind"

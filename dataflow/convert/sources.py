@@ -45,6 +45,7 @@ IMAGE_EXTENSIONS = {
     ".tiff": "tiff",
 }
 _KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_\-/]")
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -179,7 +180,7 @@ class ImageFolderSource(Source):
             try:
                 data = self._prepare(data)
             except ValueError as error:
-                yield item, SourceError(str(error), source=storage.redact(url))
+                yield item, SourceError(image_problem(error), source=storage.redact(url))
                 continue
             yield item, {extension: data, "cls": label}
 
@@ -218,6 +219,16 @@ class ImageFolderSource(Source):
             except (UnidentifiedImageError, OSError) as error:
                 raise ValueError(f"not an image: {error}") from None
         return data
+
+
+def image_problem(error: ValueError) -> str:
+    """What is wrong with an image, in words for a skip record. PIL names the in-memory
+    buffer it was handed ("cannot identify image file <_io.BytesIO object at 0x7f…>"),
+    which says nothing; the record names the file already."""
+    text = str(error)
+    if "cannot identify image file" in text:
+        return "not an image in a format PIL can read (unknown type or damaged header)"
+    return _OBJECT_REPR.sub("", text)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -126,6 +126,22 @@ def test_truncated_image_is_skipped_counted_and_recorded(
     assert verify_dataset(str(tmp_path / "out"), decode=True, progress=False).ok
 
 
+@pytest.mark.parametrize("validate", ["decode", "header"])
+def test_skip_reasons_name_the_file_and_what_is_wrong(
+    small_photo_copy: Path, tmp_path: Path, validate: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    not_an_image = small_photo_copy / "class-00" / "notes.png"
+    not_an_image.write_bytes(b"this is text, not a PNG")
+    index = run(small_photo_copy, tmp_path / "out", workers=1, on_bad_input="skip",
+                validate_images=validate)  # fmt: skip
+    [skip] = index.skipped
+    assert skip["source"] == str(not_an_image)
+    assert skip["reason"].startswith(f"{not_an_image}: not an image")
+    assert " at 0x" not in skip["reason"], skip["reason"]  # no <_io.BytesIO object at 0x…>
+    logged = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert logged == [f"skipping {skip['reason']}"]
+
+
 def test_refuses_to_overwrite_a_dataset_unless_asked(photo_folder: Path, tmp_path: Path) -> None:
     run(photo_folder, tmp_path / "out", workers=1)
     with pytest.raises(ConversionError, match="--overwrite"):

@@ -12,6 +12,10 @@ Parquet shards it holds the row groups instead (first row, rows, byte offset, by
 xxh64). So a sample can be fetched by one ranged read and checked on its own, and DALI's
 ``readers.webdataset`` index files derive from it without scanning a tar. Cost: ~40 bytes
 per sample plus its key, about 0.1% of a shard of 33 KB JPEGs.
+
+Neither file is trusted with memory: index.json's shape and types are checked before use,
+its sample counts against the shard sizes (``check_counts``, before a reader allocates by
+them), and a table's zip and array headers before ``np.load`` inflates or allocates anything.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import math
 import sys
 import typing
 import zipfile
@@ -37,6 +42,13 @@ INDEX_FILE: Final = "index.json"
 FORMAT_VERSION: Final = 1
 SHARD_FORMATS: Final = ("tar", "parquet")
 TABLE_SUFFIX: Final = ".samples.npz"
+TAR_HEADER_BYTES: Final = 512
+"""Each tar sample has at least one member, and each member a header of this many bytes."""
+MAX_SHARD_SAMPLES: Final = 1 << 24
+"""The most samples a reader accepts in one shard. The epoch order holds 8 bytes per sample
+of ``shuffle_window`` shards and the loader a shard's table (~40 bytes per sample), so a
+forged ``samples = 2e9`` would cost 15 GiB before a byte of the shard was read; real shards
+hold far fewer (256 MB of 16-byte rows is this many)."""
 
 
 def checksum(data: bytes | bytearray | memoryview) -> str:
@@ -92,6 +104,26 @@ class DatasetIndex:
     @property
     def total_bytes(self) -> int:
         return sum(shard.bytes for shard in self.shards)
+
+    def check_counts(self, where: str = INDEX_FILE) -> None:
+        """Sample counts against the shard sizes and MAX_SHARD_SAMPLES, for a reader to call
+        before it allocates by them: index.json alone cannot be trusted with memory."""
+        for number, shard in enumerate(self.shards):
+            if shard.samples > MAX_SHARD_SAMPLES:
+                raise DatasetIndexError(
+                    f"{where}: shards[{number}].samples = {shard.samples} is more than the "
+                    f"{MAX_SHARD_SAMPLES} samples a shard may hold",
+                    shard=shard.path,
+                    hint="re-convert with a lower --max-shard-samples, or restore index.json",
+                )
+            if self.format == "tar" and shard.samples * TAR_HEADER_BYTES > shard.bytes:
+                raise DatasetIndexError(
+                    f"{where}: shards[{number}] cannot hold {shard.samples} samples in "
+                    f"{shard.bytes} bytes (each needs a {TAR_HEADER_BYTES}-byte tar header)",
+                    shard=shard.path,
+                    hint="restore index.json, or index the tars again with tools/convert.py "
+                    "--index-only",
+                )
 
     def field(self, name: str) -> Field:
         for candidate in self.fields:
@@ -291,8 +323,15 @@ class SampleTable:
         return buffer.getvalue()
 
     @classmethod
-    def from_bytes(cls, data: bytes, where: str, *, num_fields: int) -> SampleTable:
-        """Parse and validate a table; every inconsistency is a DatasetIndexError."""
+    def from_bytes(
+        cls, data: bytes, where: str, *, num_fields: int, num_samples: int | None = None
+    ) -> SampleTable:
+        """Parse and validate a table; every inconsistency is a DatasetIndexError.
+
+        ``num_samples`` (the index's count, when the table must list exactly that many) is
+        checked from the arrays' headers, before anything is inflated.
+        """
+        _check_members(data, where, num_samples)
         try:
             with NUMPY_LOAD_LOCK, np.load(io.BytesIO(data), allow_pickle=False) as arrays:
                 loaded = {name: arrays[name] for name in arrays.files}
@@ -346,6 +385,64 @@ class SampleTable:
         return offset, int(self.field_sizes[sample, field_index])
 
 
+_PER_SAMPLE_ARRAYS: Final = ("key_ends", "offsets", "sizes", "digests", "field_offsets",
+                              "field_sizes")  # fmt: skip
+
+
+def _check_members(data: bytes, where: str, num_samples: int | None) -> None:
+    """Sizes and shapes that the table's members declare, checked before np.load acts on them.
+
+    np.savez stores members uncompressed, so no member of a real table is larger than the
+    file: a deflated one can inflate ~1000-fold (a 3 MB table to 3.4 GB). And np.load
+    allocates an array by the shape in its header before it reads the data, so a header
+    that declares more than its member holds is refused too (2**40 rows: a MemoryError).
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
+        raise DatasetIndexError(f"sample table {where} is unreadable: {error}") from None
+    with archive:
+        for info in archive.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.file_size > len(data):
+                raise DatasetIndexError(
+                    f"sample table {where}: {name} would inflate to {info.file_size} bytes "
+                    f"from a {len(data)}-byte file (tables are stored uncompressed)",
+                    offset=info.header_offset,
+                    hint="re-convert, or index the shards again with tools/convert.py",
+                )
+            try:
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    if version == (1, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_1_0(member)
+                    elif version == (2, 0):
+                        shape, _, dtype = np.lib.format.read_array_header_2_0(member)
+                    else:
+                        raise ValueError(f"npy format version {version} is not used here")
+                    header_bytes = member.tell()
+            except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
+                raise DatasetIndexError(
+                    f"sample table {where}: {name} is unreadable: {error}",
+                    offset=info.header_offset,
+                ) from None
+            declared = math.prod(shape) * dtype.itemsize
+            if header_bytes + declared > info.file_size:
+                raise DatasetIndexError(
+                    f"sample table {where}: {name} declares shape {shape} ({declared} bytes) "
+                    f"but holds {info.file_size - header_bytes} bytes",
+                    offset=info.header_offset,
+                    hint="re-convert, or index the shards again with tools/convert.py",
+                )
+            if num_samples is not None and name in _PER_SAMPLE_ARRAYS:
+                rows = shape[0] if shape else -1
+                if rows != num_samples:
+                    raise DatasetIndexError(
+                        f"sample table {where} lists {rows} samples, index.json {num_samples}",
+                        offset=info.header_offset,
+                    )
+
+
 def table_path(shard_path: str) -> str:
     return shard_path + TABLE_SUFFIX
 
@@ -362,8 +459,11 @@ def load_table(
             f"(size {len(data)} vs {shard.table_bytes})",
             hint="re-run tools/convert.py, or tools/verify.py to see what else changed",
         )
-    table = SampleTable.from_bytes(data, shard.table, num_fields=len(index.fields))
-    if index.format == "tar" and len(table) != shard.samples:
+    tar = index.format == "tar"
+    table = SampleTable.from_bytes(
+        data, shard.table, num_fields=len(index.fields), num_samples=shard.samples if tar else None
+    )
+    if tar and len(table) != shard.samples:
         raise DatasetIndexError(
             f"sample table {shard.table} lists {len(table)} samples, index.json {shard.samples}"
         )

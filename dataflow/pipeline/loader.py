@@ -63,7 +63,7 @@ from dataflow.decode.image import (
     sample_draws,
 )
 from dataflow.errors import DataError
-from dataflow.index import DatasetIndex
+from dataflow.index import INDEX_FILE, DatasetIndex
 from dataflow.metrics import PipelineMetrics
 from dataflow.order import EpochOrder, num_batches, rank_batch
 from dataflow.pipeline.autotune import Gate, ReadAheadTuner, Setting, Totals
@@ -131,6 +131,8 @@ class Loader:
             )
         self.root = storage.normalize_url(config.url)
         self.index = DatasetIndex.load(self.root, config=self.storage_config)
+        # Before the epoch order allocates by them (8 bytes per sample of a block of shards).
+        self.index.check_counts(storage.redact(storage.join_url(self.root, INDEX_FILE)))
         if self.index.num_samples == 0:
             raise DataError(f"{storage.redact(self.root)} holds no samples")
         if config.drop_last and self.index.num_samples < config.global_batch:

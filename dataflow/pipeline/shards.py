@@ -5,7 +5,9 @@ S3, ``block_size`` reads on POSIX — and checked against its xxh64 from the ind
 mismatch it is read again, bypassing the cache (a flipped bit in transit or in a cached
 file heals here). If it still differs, each sample's span is checked against its own digest;
 a bad sample is re-fetched by byte range, and only samples still bad after that are marked
-bad, with the reason — the rest of the shard stays usable.
+bad, with the reason — the rest of the shard stays usable. What is read and allocated is
+never more than storage holds (a stat per local shard; a HEAD when the index claims more than
+the sample table lists), so a forged size in index.json costs nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Final
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -33,6 +36,20 @@ from dataflow.storage import StorageConfig
 from dataflow.storage.cache import ShardCache
 
 log = logging.getLogger(__name__)
+
+UNLISTED_BYTES: Final = 16 << 20
+"""What a shard may hold beyond the spans its sample table lists (a tar's end-of-archive
+blocks, a Parquet footer) before its size in the index is checked with storage first."""
+
+
+def _table_end(table: SampleTable) -> int:
+    """Where the last sample (tar) or row group (Parquet) that the table lists ends."""
+    ends = [0]
+    if len(table.offsets):
+        ends.append(int((table.offsets + table.sizes).max()))
+    if len(table.row_groups):
+        ends.append(int((table.row_groups[:, 2] + table.row_groups[:, 3]).max()))
+    return max(ends)
 
 
 @dataclass
@@ -87,7 +104,20 @@ class ShardFetcher:
         # fault and a zeroed page every 4 KB, 5 % of the loader's CPU. A buffer is free again
         # once nothing (no ShardView, no sample memoryview) refers to it.
         self._buffers = BufferPool()
-        self._largest = max((shard.bytes for shard in index.shards), default=0)
+        self._reserve = self._largest_shard_bytes()
+
+    def _largest_shard_bytes(self) -> int:
+        """The pool's buffer size: the largest local shard, as the file system reports it
+        (one stat). index.json alone is not trusted with memory: a forged ``bytes = 1e12``
+        reserved 1 TB for every shard. When the two disagree, buffers fit each shard."""
+        if not self.index.shards or not storage.is_local(self.root):
+            return 0
+        largest = max(self.index.shards, key=lambda shard: shard.bytes)
+        try:
+            actual = storage.size(storage.join_url(self.root, largest.path), config=self.config)
+        except storage.StorageError:
+            return 0
+        return largest.bytes if actual == largest.bytes else 0
 
     def table(self, number: int) -> SampleTable:
         table = self._tables.get(number)
@@ -96,12 +126,21 @@ class ShardFetcher:
             self._tables[number] = table
         return table
 
+    def _size_to_read(self, url: str, entry: ShardEntry, table: SampleTable) -> int:
+        """The shard's size in the index, unless storage holds less. index.json alone is not
+        trusted with memory or requests: a forged ``bytes = 1e12`` was a MemoryError for a
+        local shard and ~119,000 ranged GETs answered 416 on S3. Local files are sized by a
+        stat; objects by a HEAD only when the index claims more than the table accounts for."""
+        if storage.is_local(url) or entry.bytes > _table_end(table) + UNLISTED_BYTES:
+            return min(entry.bytes, storage.size(url, config=self.config))
+        return entry.bytes
+
     def _read(self, url: str, size: int, *, use_cache: bool) -> bytes | memoryview:
         def fetch() -> bytes:
             return storage.read_range(url, 0, size, config=self.config)
 
         if storage.is_local(url):
-            data = self._buffers.array((size,), reserve=self._largest)
+            data = self._buffers.array((size,), reserve=self._reserve)
             storage.read_into(url, 0, data, config=self.config)
             return data.data  # a memoryview that keeps the pooled array in use
         if self.cache is not None and use_cache:
@@ -114,7 +153,10 @@ class ShardFetcher:
         with self.metrics.busy(items=1, nbytes=entry.bytes):
             table = self.table(number)
             try:
-                data: bytes | memoryview = self._read(url, entry.bytes, use_cache=True)
+                # A shard of another size than the index's fails its checksum below and takes
+                # the damaged-shard path.
+                size = self._size_to_read(url, entry, table)
+                data: bytes | memoryview = self._read(url, size, use_cache=True)
             except storage.StorageError as error:
                 return self._lost(number, entry, table, f"unreadable: {error}")
             if len(data) == entry.bytes and checksum(data) == entry.checksum:
@@ -124,7 +166,7 @@ class ShardFetcher:
             if self.cache is not None:
                 storage.remove(self.cache.path(url))
             try:
-                data = self._read(url, entry.bytes, use_cache=False)
+                data = self._read(url, size, use_cache=False)
             except storage.StorageError as error:
                 return self._lost(number, entry, table, f"unreadable: {error}")
             if len(data) == entry.bytes and checksum(data) == entry.checksum:
@@ -144,11 +186,14 @@ class ShardFetcher:
         """Find the samples of a damaged shard that are still good; re-fetch the others."""
         if self.index.format != "tar":
             return self._lost(number, entry, table, "checksum mismatch (Parquet: whole shard)")
-        if len(data) < entry.bytes:
-            data.extend(b"\0" * (entry.bytes - len(data)))
         bad: dict[int, str] = {}
         for row in range(len(table)):
             start, size = int(table.offsets[row]), int(table.sizes[row])
+            if start + size > len(data):
+                # Past the end of what storage holds (a truncated file, or a forged table or
+                # index): nothing to re-read, and nothing allocated by the table's numbers.
+                bad[row] = f"the shard ends at byte {len(data)}, before this sample's end"
+                continue
             span = memoryview(data)[start : start + size]
             if sample_digest(span) == int(table.digests[row]):
                 continue

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import tracemalloc
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -332,3 +335,75 @@ def test_sample_tables_load_from_many_threads_at_once() -> None:
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         assert all(keys == table.keys for keys in pool.map(load, range(2000)))
+
+
+def npz_with_member(arrays: dict[str, np.ndarray], name: str, header: dict[str, Any],
+                    payload: Iterator[bytes], *, deflate: bool) -> bytes:  # fmt: skip
+    """``arrays`` as np.savez writes them, plus member ``name`` written by hand: an npy
+    ``header`` and the ``payload`` chunks, deflated or stored."""
+    buffer = io.BytesIO(npz(**{k: v for k, v in arrays.items() if k != name}))
+    method = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+    with (
+        zipfile.ZipFile(buffer, "a", compression=method, compresslevel=9) as archive,
+        archive.open(f"{name}.npy", "w", force_zip64=True) as member,
+    ):
+        np.lib.format.write_array_header_1_0(member, header)
+        for chunk in payload:
+            member.write(chunk)
+    return buffer.getvalue()
+
+
+def test_sample_table_that_would_inflate_is_refused_before_it_does() -> None:
+    """A 400 KB table whose deflated member inflates to 400 MiB of offsets (the ratio of the
+    3 MB table that inflated to 3.4 GB): refused from its zip header, allocating nothing."""
+    rows = 50 << 20
+    zeros = bytes(1 << 20)
+    data = npz_with_member(
+        table_arrays(make_table(["a", "b", "c"])), "offsets",
+        {"descr": "<i8", "fortran_order": False, "shape": (rows,)},
+        (zeros for _ in range(rows * 8 // len(zeros))), deflate=True,
+    )  # fmt: skip
+    assert len(data) < 1 << 20
+    tracemalloc.start()
+    try:
+        inflating = "offsets would inflate to 419430528 bytes"
+        with pytest.raises(DatasetIndexError, match=inflating) as caught:
+            SampleTable.from_bytes(data, "t.samples.npz", num_fields=2)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, peak
+    assert "t.samples.npz" in str(caught.value) and caught.value.offset is not None
+
+
+def test_sample_table_header_declaring_more_than_it_holds_is_refused() -> None:
+    """np.load allocates by the header's shape before it reads: 2**40 rows was a
+    MemoryError out of a 1 KB file."""
+    arrays = table_arrays(make_table(["a", "b", "c"]))
+    data = npz_with_member(
+        arrays, "sizes", {"descr": "<i8", "fortran_order": False, "shape": (2**40,)},
+        iter([arrays["sizes"].tobytes()]), deflate=False,
+    )  # fmt: skip
+    with pytest.raises(DatasetIndexError, match=r"sizes declares shape \(1099511627776,\)"):
+        SampleTable.from_bytes(data, "t.samples.npz", num_fields=2)
+
+
+def test_sample_table_rows_are_checked_against_the_index_before_loading() -> None:
+    data = make_table(["a", "b", "c"]).to_bytes()
+    with pytest.raises(DatasetIndexError, match=r"lists 3 samples, index\.json 2000000000"):
+        SampleTable.from_bytes(data, "t", num_fields=2, num_samples=2_000_000_000)
+    assert len(SampleTable.from_bytes(data, "t", num_fields=2, num_samples=3)) == 3
+
+
+def test_index_counts_are_checked_before_a_reader_allocates_by_them() -> None:
+    index = make_index()
+    index.shards[0].bytes, index.shards[1].bytes = 10 * 1024, 7 * 512  # 10 and 7 samples
+    index.check_counts()
+    forged = DatasetIndex.from_json(index.to_json())
+    forged.shards[1].samples, forged.shards[1].bytes = 2_000_000_000, 10**12
+    with pytest.raises(DatasetIndexError, match=r"shards\[1\]\.samples = 2000000000 is more"):
+        forged.check_counts("data/index.json")
+    forged.shards[1].samples = 10**6
+    forged.shards[1].bytes = 10**6 * 512 - 1
+    with pytest.raises(DatasetIndexError, match=r"shards\[1\] cannot hold 1000000 samples in"):
+        forged.check_counts("data/index.json")

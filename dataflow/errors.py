@@ -63,6 +63,14 @@ class DatasetIndexError(DataError):
     """The dataset index (index.json or a sample table) is missing, corrupt or too new."""
 
 
+class DatasetChangedError(DatasetIndexError):
+    """The dataset was replaced or removed while a loader was reading it."""
+
+
+class TooManySkipsError(DataError):
+    """More samples were skipped in an epoch than ``data.max_skip_fraction`` allows."""
+
+
 class SourceError(DataError):
     """A conversion input record is unreadable or incomplete."""
 

@@ -118,6 +118,18 @@ def num_batches(total: int, global_batch: int, drop_last: bool) -> int:
     return total // global_batch if drop_last else -(-total // global_batch)
 
 
+def samples_due(total: int, global_batch: int, steps: int, *, rank: int, world_size: int) -> int:
+    """Samples rank ``rank`` is due in an epoch of ``steps`` batches: its slice of each, less
+    the padding past the end (positions ``[0, total)`` are real)."""
+    per_rank = global_batch // world_size
+    full = min(steps, total // global_batch)
+    partial = sum(
+        min(per_rank, max(0, total - (step * global_batch + rank * per_rank)))
+        for step in range(full, steps)
+    )
+    return full * per_rank + partial
+
+
 def rank_batch(
     order: EpochOrder, step: int, *, global_batch: int, rank: int, world_size: int
 ) -> BatchPlan:

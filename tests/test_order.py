@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from dataflow.order import EpochOrder, num_batches, rank_batch, shuffle_quality
+from dataflow.order import EpochOrder, num_batches, rank_batch, samples_due, shuffle_quality
 
 # Unequal shard sizes on purpose: block boundaries then fall at irregular positions.
 SIZES = [7, 5, 9, 6, 8, 3, 10, 4]
@@ -221,3 +221,21 @@ def test_shuffle_quality_grows_with_the_window() -> None:
     assert full["displacement"] == pytest.approx(1.0, abs=0.1)
     ordered = shuffle_quality(EpochOrder(sizes, seed=0, epoch=0, window=1, shuffle=False))
     assert ordered["displacement"] == 0.0
+
+
+@pytest.mark.parametrize(("total", "global_batch", "world_size", "drop_last"),
+                         [(1797, 64, 4, True), (1797, 100, 4, False), (60, 12, 3, False),
+                          (10, 8, 2, False)])  # fmt: skip
+def test_samples_due_over_all_ranks_are_the_epoch(
+    total: int, global_batch: int, world_size: int, drop_last: bool
+) -> None:
+    """What the skip budget is a fraction of: each rank's real (not padding) positions."""
+    steps = num_batches(total, global_batch, drop_last)
+    order = EpochOrder([total], seed=0, epoch=0, window=1)
+    due = [samples_due(total, global_batch, steps, rank=r, world_size=world_size)
+           for r in range(world_size)]  # fmt: skip
+    for rank in range(world_size):
+        plans = [rank_batch(order, s, global_batch=global_batch, rank=rank,
+                            world_size=world_size) for s in range(steps)]  # fmt: skip
+        assert due[rank] == sum(int(plan.valid.sum()) for plan in plans)
+    assert sum(due) == (steps * global_batch if drop_last else total)

@@ -70,6 +70,11 @@ class DataConfig:
     """False: evaluation transform (resize + central crop, no flip)."""
     on_bad_sample: Literal["raise", "skip"] = "raise"
     """Corrupt sample or shard: stop naming shard, key and offset, or skip, count and record."""
+    max_skip_fraction: float = 0.01
+    """With skip: the most of an epoch's samples that a rank may skip (of those it is due,
+    rounded up, so one bad sample of a small epoch is allowed); past it the epoch stops with
+    TooManySkipsError. A damaged or replaced dataset then fails instead of training on
+    nothing. 1.0: no limit."""
     audit: bool = False
     """Append epoch<TAB>step<TAB>key of every delivered sample to {out_dir}/audit/rank-R.tsv."""
     out_dir: str = "out"
@@ -91,8 +96,9 @@ class DataConfig:
                      "prefetch_batches", "image_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.hw_decoder_load <= 1.0:
-            raise ValueError(f"hw_decoder_load must be within [0, 1], got {self.hw_decoder_load}")
+        for name in ("max_skip_fraction", "hw_decoder_load"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         if self.decode_device == "gpu" and self.decode_backend != "dali":
             raise ValueError("decode_device = 'gpu' needs decode_backend = 'dali'")
         if not 0 <= self.thread_nice <= 19:

@@ -23,7 +23,9 @@ uninterrupted one would have.
 
 Bad samples follow ``on_bad_sample``: raise with shard, key and offset, or skip (the batch
 is one shorter; the skip is counted, logged and kept in the state so that a resumed run
-skips the same samples).
+skips the same samples). Skips past ``max_skip_fraction`` of an epoch stop it, and a dataset
+replaced under the job (index.json is read again at each later epoch and when a shard fails
+its checks) is an error, not an epoch of skips.
 
 With ``autotune``, a ``ReadAheadTuner`` watches the consumer's stall and the decoders' wait
 for shards after every batch, and raises read-ahead, the fetches in flight (a ``Gate`` in front
@@ -44,6 +46,7 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
+import math
 import os
 import queue
 import sys
@@ -62,10 +65,10 @@ from dataflow.decode.image import (
     ImageAugment,
     sample_draws,
 )
-from dataflow.errors import DataError
+from dataflow.errors import DataError, TooManySkipsError
 from dataflow.index import INDEX_FILE, DatasetIndex
 from dataflow.metrics import PipelineMetrics
-from dataflow.order import EpochOrder, num_batches, rank_batch
+from dataflow.order import EpochOrder, num_batches, rank_batch, samples_due
 from dataflow.pipeline.autotune import Gate, ReadAheadTuner, Setting, Totals
 from dataflow.pipeline.buffers import BufferPool
 from dataflow.pipeline.config import DataConfig
@@ -198,6 +201,7 @@ class Loader:
             )  # fmt: skip
         self._active: _Run | None = None
         self._next: _Run | None = None  # the next epoch's pass, started ahead
+        self._index_just_loaded = True  # the first pass need not read index.json again
         self._next_lock = threading.Lock()
         self.device: torch.device | None = None
         if config.device:
@@ -386,6 +390,11 @@ class _Run:
         )  # fmt: skip
         self.steps = len(loader)
         self.start_step = start_step
+        self.check_index, loader._index_just_loaded = not loader._index_just_loaded, False
+        self.due = samples_due(self.order.total, config.global_batch, self.steps,
+                               rank=loader.rank, world_size=loader.world_size)  # fmt: skip
+        self.allowed_skips = math.ceil(config.max_skip_fraction * self.due)
+        self.skipped = sum(1 for e, _, _ in loader.skipped if e == epoch)  # resumed: saved ones
         self.stop = threading.Event()
         self.decoder = BatchDecoder(loader, epoch, self.stop)
         tuner = loader.autotuner
@@ -440,6 +449,8 @@ class _Run:
         self.loader._lower_priority()
         loader, config = self.loader, self.loader.config
         try:
+            if self.check_index:  # once per epoch: was the dataset replaced since?
+                loader._fetcher.check_index_unchanged()
             for step in range(self.start_step, self.steps):
                 if self.stop.is_set():
                     return
@@ -517,12 +528,28 @@ class _Run:
                 loader.skipped.append(skip)
                 loader._skip_keys.add(skip[:2])
             loader.metrics_.count(skipped=len(job.skips))
+            self.skipped += len(job.skips)
+            if self.skipped > self.allowed_skips:
+                self._too_many_skips(job)
             loader._autotune()
             self._flush_audit()
             loader.step = job.step + 1
             self.pending_audit = (job.step, [k for k, v in zip(batch["__key__"],
                                   batch["__valid__"].tolist(), strict=True) if v])  # fmt: skip
             yield batch
+
+    def _too_many_skips(self, job: Job) -> None:
+        loader = self.loader
+        _, key, reason = job.skips[-1]
+        views = [f.result() for f in job.views.values() if f.done() and not f.exception()]
+        shard = next((view.entry.path for view in views if key in view.table.keys), None)
+        raise TooManySkipsError(
+            f"rank {loader.rank} skipped {self.skipped} of the {self.due} samples it is due "
+            f"in epoch {self.epoch}, more than data.max_skip_fraction = "
+            f"{loader.config.max_skip_fraction} allows ({self.allowed_skips}); the last: {reason}",
+            shard=shard, key=key,
+            hint="check the dataset with tools/verify.py, or raise data.max_skip_fraction",
+        )  # fmt: skip
 
     def _assemble(self, job: Job) -> Batch:
         keep = np.flatnonzero(job.ok)

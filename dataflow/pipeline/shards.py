@@ -7,7 +7,9 @@ file heals here). If it still differs, each sample's span is checked against its
 a bad sample is re-fetched by byte range, and only samples still bad after that are marked
 bad, with the reason — the rest of the shard stays usable. What is read and allocated is
 never more than storage holds (a stat per local shard; a HEAD when the index claims more than
-the sample table lists), so a forged size in index.json costs nothing.
+the sample table lists), so a forged size in index.json costs nothing. A shard or table that
+fails its checks first has index.json read again: when the dataset was replaced under the
+running job, that is the error (``DatasetChangedError``), not a skip per sample.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dataflow import storage
-from dataflow.errors import BadShardError
+from dataflow.errors import BadShardError, DatasetChangedError, DatasetIndexError
 from dataflow.index import (
+    INDEX_FILE,
     DatasetIndex,
     SampleTable,
     ShardEntry,
@@ -122,9 +125,37 @@ class ShardFetcher:
     def table(self, number: int) -> SampleTable:
         table = self._tables.get(number)
         if table is None:
-            table = load_table(self.root, self.index, self.index.shards[number], config=self.config)
+            try:
+                table = load_table(
+                    self.root, self.index, self.index.shards[number], config=self.config
+                )
+            except DatasetIndexError:
+                self.check_index_unchanged()  # a replaced dataset says so, not "corrupt"
+                raise
             self._tables[number] = table
         return table
+
+    def check_index_unchanged(self) -> None:
+        """Raise DatasetChangedError if index.json now differs from the one this loader
+        started with (one read of it). Shards that fail their checks, or a new epoch, ask:
+        skipping a replaced dataset's samples one by one would train on nothing."""
+        url = storage.join_url(self.root, INDEX_FILE)
+        try:
+            current: DatasetIndex | None = DatasetIndex.load(self.root, config=self.config)
+        except DatasetIndexError:
+            current = None  # gone, or half-written: a conversion is replacing it
+        except storage.StorageError as error:
+            log.warning("could not re-read %s to see whether it changed: %s",
+                        storage.redact(url), error)  # fmt: skip
+            return
+        if current != self.index:
+            state = "is gone or unreadable" if current is None else "changed"
+            raise DatasetChangedError(
+                f"{storage.redact(url)} {state} while this job was reading the dataset "
+                "(replaced with --overwrite?)",
+                hint="restart the job once the dataset is complete; its order and resume "
+                "state belong to the dataset it started with",
+            )
 
     def _size_to_read(self, url: str, entry: ShardEntry, table: SampleTable) -> int:
         """The shard's size in the index, unless storage holds less. index.json alone is not
@@ -158,9 +189,11 @@ class ShardFetcher:
                 size = self._size_to_read(url, entry, table)
                 data: bytes | memoryview = self._read(url, size, use_cache=True)
             except storage.StorageError as error:
+                self.check_index_unchanged()
                 return self._lost(number, entry, table, f"unreadable: {error}")
             if len(data) == entry.bytes and checksum(data) == entry.checksum:
                 return ShardView(number, entry, data, table)
+            self.check_index_unchanged()
             log.warning("shard %s does not match its checksum; reading it again", entry.path)
             self.refetched += 1
             if self.cache is not None:

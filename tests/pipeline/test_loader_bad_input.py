@@ -3,12 +3,13 @@ skipped — counted, recorded, once across ranks and again after resume; damaged
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from dataflow.errors import BadSampleError
+from dataflow.errors import BadSampleError, DatasetChangedError, TooManySkipsError
 from dataflow.index import DatasetIndex, load_table
 from dataflow.pipeline import Loader
 
@@ -152,3 +153,58 @@ def test_a_damaged_shard_raises_naming_shard_and_key(damaged_photos: tuple[str, 
     assert caught.value.key == damaged_key and caught.value.shard == shard_path
     assert damaged_key in str(caught.value) and shard_path in str(caught.value)
     assert "byte" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# A dataset replaced under a running loader, and the skip budget
+
+
+def test_a_dataset_replaced_between_epochs_stops_the_loader(
+    photo_folder: Path, tmp_path: Path
+) -> None:
+    """`tools/convert.py --overwrite` under a running job with on_bad_sample = skip: epoch 1
+    delivered nothing (every sample failed its digest and was skipped, with only WARNINGs),
+    and so did every epoch after it."""
+    url = convert_folder(photo_folder, tmp_path / "ds", max_shard_samples=7)
+    loader = make(url, global_batch=12, on_bad_sample="skip")
+    assert len(valid_keys(one_epoch(loader))) == 60
+    convert_folder(photo_folder, tmp_path / "ds", max_shard_samples=5, overwrite=True)
+    with pytest.raises(DatasetChangedError) as caught:
+        one_epoch(loader)
+    message = str(caught.value)
+    assert "index.json" in message and "changed" in message and "restart" in message
+    loader.close()
+    assert shardflow_threads() == []
+
+
+def test_a_dataset_replaced_mid_epoch_stops_the_loader(photo_folder: Path, tmp_path: Path) -> None:
+    url = convert_folder(photo_folder, tmp_path / "ds", max_shard_samples=7)
+    loader = make(url, global_batch=4, on_bad_sample="skip", shuffle_window=1,
+                  readahead_shards=0, prefetch_batches=1, fetch_workers=1)  # fmt: skip
+    batches = iter(loader)
+    delivered = len(next(batches)["__key__"])
+    convert_folder(photo_folder, tmp_path / "ds", max_shard_samples=5, overwrite=True)
+    with pytest.raises(DatasetChangedError, match="restart"):
+        for batch in batches:
+            delivered += len(batch["__key__"])
+    assert delivered < 60
+    loader.close()
+
+
+def test_skips_past_max_skip_fraction_stop_the_epoch(photos: str, tmp_path: Path) -> None:
+    """A shard lost for good (its file deleted, the index unchanged): its 7 samples are 12 %
+    of the epoch, past the default budget of 1 %."""
+    url = tmp_path / "ds"
+    shutil.copytree(photos, url)
+    index = DatasetIndex.load(str(url))
+    (url / index.shards[4].path).unlink()
+    with pytest.raises(TooManySkipsError) as caught:
+        one_epoch(make(str(url), global_batch=12, on_bad_sample="skip"))
+    message = str(caught.value)
+    assert "data.max_skip_fraction" in message and "epoch 0" in message
+    assert index.shards[4].path in message  # the last skip's shard
+    # A budget that covers the lost shard: the rest is delivered, every skip counted.
+    loader = make(str(url), global_batch=12, on_bad_sample="skip", max_skip_fraction=0.2)
+    keys = [k for batch in one_epoch(loader) for k in batch.keys]
+    assert len(keys) + index.shards[4].samples == 60
+    assert loader.metrics()["skipped"] == index.shards[4].samples

@@ -4,15 +4,18 @@ logging, and one exit path that prints typed errors as one readable line."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from dataflow.config import ConfigError
 from dataflow.errors import DataError
 from dataflow.storage import StorageError
 from trainer.config import Config, load
+
+T = TypeVar("T")
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -45,6 +48,22 @@ def parse(
     except ConfigError as error:
         arguments.exit(2, f"{arguments.prog}: config error: {error}\n")
     return args, config
+
+
+def apply_flags(section: T, args: argparse.Namespace) -> T:
+    """``section`` (a config dataclass) with the fields given as flags replaced (--max-shard-bytes
+    sets max_shard_bytes). A value the section refuses becomes a ConfigError that names the
+    flag as typed, so the user sees one line, not a traceback from ``__post_init__``."""
+    fields = dataclasses.fields(section)  # type: ignore[arg-type]
+    flags = {
+        f.name: getattr(args, f.name) for f in fields if getattr(args, f.name, None) is not None
+    }
+    try:
+        return dataclasses.replace(section, **flags)  # type: ignore[type-var]
+    except ValueError as error:
+        named = [name for name in flags if name in str(error)] or list(flags)
+        given = ", ".join(f"--{name.replace('_', '-')} {flags[name]}" for name in named)
+        raise ConfigError(f"{given}: {error}") from None
 
 
 def run(main: Callable[[], Any]) -> None:

@@ -15,13 +15,12 @@ SRC and DST are local paths or s3:// URLs. An interrupted run resumes when run a
 
 from __future__ import annotations
 
-import dataclasses
-
 import _cli
 
 from dataflow.config import parse_bytes
 from dataflow.convert.existing import index_existing_tars
 from dataflow.convert.job import convert, merge
+from dataflow.convert.output import ConversionError, same_place
 
 
 def main() -> int:
@@ -51,18 +50,23 @@ def main() -> int:
     mode.add_argument("--merge", action="store_true", help="write index.json of DST")
     mode.add_argument("--index-only", action="store_true", help="index the tars of SRC in place")
     args, config = _cli.parse(arguments)
-    flags = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(config.convert)
-        if getattr(args, f.name, None) is not None
-    }
-    convert_config = dataclasses.replace(config.convert, **flags)
+    convert_config = _cli.apply_flags(config.convert, args)
 
     if args.merge:
         index = merge(convert_config.output, config.storage)
         print(f"merged {index.num_samples} samples in {len(index.shards)} shards")
         return 0
     if args.index_only:
+        if (
+            convert_config.input
+            and convert_config.output
+            and not same_place(convert_config.input, convert_config.output)
+        ):
+            raise ConversionError(
+                f"--index-only writes index.json beside the tars of --input "
+                f"{convert_config.input}, not into --output {convert_config.output}",
+                hint="drop --output, or convert into it without --index-only",
+            )
         index = index_existing_tars(
             convert_config.input or convert_config.output,
             config.storage,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import _cli
 
-from dataflow.config import format_bytes
+from dataflow.config import ConfigError, format_bytes
 from dataflow.verify import verify_dataset
 
 
@@ -23,6 +23,8 @@ def main() -> int:
     arguments.add_argument("--threads", type=int, default=4)
     arguments.add_argument("--allow-pickle", action="store_true")
     args, config = _cli.parse(arguments)
+    if args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be >= 1 (shards checked at once)")
     report = verify_dataset(
         args.dataset,
         config.storage,

@@ -5,7 +5,8 @@ Algorithm
        ``shuffle`` the list is permuted by a seeded generator. Records are packed greedily
        into shards under ``max_shard_bytes`` and ``max_shard_samples``. The plan is a pure
        function of (input listing, config), so every node and every restart computes the
-       same one; its hash, the *plan id*, is stored in ``<output>/_convert/plan.json``.
+       same one; its hash, the *plan id*, is stored in ``<output>/_convert/plan.json``
+       (dataflow.convert.plan).
     2. Node ``r`` of ``N`` writes shards ``i`` with ``i % N == r``, each in a worker
        process: records are read, validated, encoded and streamed into the shard (local:
        hidden temp file renamed into place; S3: spooled and uploaded), then its sample table
@@ -14,7 +15,12 @@ Algorithm
        rewritten on restart, a shard with one is kept.
     3. When all records exist, ``index.json`` is written (atomically, last) and
        ``_convert/`` removed. On several nodes each node stops after its shards and
-       ``--merge`` (anywhere) writes the index.
+       ``--merge`` (anywhere) writes the index. A rerun that finds ``index.json`` and the
+       plan of the same conversion (a crash between the two steps) only removes ``_convert/``.
+
+What may be written where (not over the input, not over files no conversion wrote, one
+process per node slice) is guarded by dataflow.convert.output. Pool workers die with the
+process that started them, kill -9 included (see _die_with_parent).
 
 The output is byte-identical whatever the worker count, node count or interruptions.
 Measured cost: see tools/bench_convert.py (images/s against webdataset.ShardWriter).
@@ -23,25 +29,37 @@ Measured cost: see tools/bench_convert.py (images/s against webdataset.ShardWrit
 from __future__ import annotations
 
 import concurrent.futures
-import itertools
+import contextlib
+import ctypes
 import json
 import logging
 import multiprocessing
 import os
+import select
+import signal
+import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
-import xxhash
 from tqdm import tqdm
 
 from dataflow import storage
 from dataflow.convert.config import ConvertConfig
-from dataflow.convert.sources import Item, Source, open_source, stable_permutation
-from dataflow.errors import DataError, SourceError
+from dataflow.convert.output import (
+    STAGING,
+    ConversionError,
+    Lease,
+    check_apart,
+    files_present,
+    plain_names,
+    refuse_foreign,
+)
+from dataflow.convert.plan import Plan, ShardPlan, make_plan
+from dataflow.convert.sources import Source, open_source
+from dataflow.errors import SourceError
 from dataflow.formats import codec
 from dataflow.formats.parquet import ParquetShardWriter
 from dataflow.formats.tar import TarShardWriter
@@ -58,32 +76,7 @@ from dataflow.storage import StorageConfig
 
 log = logging.getLogger(__name__)
 
-STAGING = "_convert"
 PLAN_FILE = "plan.json"
-
-
-class ConversionError(DataError):
-    """The conversion cannot go on: bad input under the 'raise' policy, or a plan mismatch."""
-
-
-@dataclass
-class ShardPlan:
-    number: int
-    path: str
-    items: list[Item]
-
-
-@dataclass
-class Plan:
-    plan_id: str
-    shards: list[ShardPlan]
-    fields: list[Field]
-    metadata: dict[str, Any]
-    format: str
-
-    @property
-    def num_items(self) -> int:
-        return sum(len(s.items) for s in self.shards)
 
 
 @dataclass
@@ -130,78 +123,6 @@ def _node_slice(config: ConvertConfig) -> tuple[int, int]:
     return node_rank, num_nodes
 
 
-def _balanced_groups(items: list[Item], config: ConvertConfig, overhead: int) -> list[list[Item]]:
-    """Split ``items`` (in order) into the fewest shards the limits allow, balanced.
-
-    Shards get equal shares of bytes (or of samples, when the count limit is the one that
-    binds): 1,797 samples at 256 per shard make 8 × ~225, not 7 × 256 + 5, so no straggler
-    shard keeps one worker busy alone. A plan whose uneven item sizes break a limit is
-    redone with one shard more.
-    """
-    if not items:
-        return []
-    sizes = np.fromiter((item.size for item in items), dtype=np.int64, count=len(items))
-    cumulative = np.cumsum(sizes)
-    total = int(cumulative[-1])
-    limit_samples = config.max_shard_samples or len(items)
-    by_samples = -(-len(items) // limit_samples)
-    by_bytes = -(-total // max(1, config.max_shard_bytes - overhead))
-    count = max(by_samples, by_bytes, 1)
-    while True:
-        if by_bytes >= by_samples:
-            targets = [total * k / count for k in range(1, count)]
-            cuts = np.searchsorted(cumulative, targets, side="left").tolist()
-            # Each cut goes before or after the straddling item, whichever is nearer.
-            cuts = [
-                c + 1 if c < len(items) and cumulative[c] - target < sizes[c] / 2 else c
-                for c, target in zip(cuts, targets, strict=True)
-            ]
-        else:
-            cuts = [round(len(items) * k / count) for k in range(1, count)]
-        bounds = [0, *cuts, len(items)]
-        groups = [items[a:b] for a, b in itertools.pairwise(bounds)]
-        fits = all(
-            group
-            and len(group) <= limit_samples
-            and (len(group) == 1 or sum(i.size for i in group) + overhead <= config.max_shard_bytes)
-            for group in groups
-        )
-        if fits or count >= len(items):
-            return [group for group in groups if group]
-        count += 1
-
-
-def make_plan(source: Source, config: ConvertConfig) -> Plan:
-    items = source.items()
-    if config.shuffle:
-        items = [items[i] for i in stable_permutation(len(items), config.seed)]
-    fields = source.fields()
-    suffix = "tar" if config.format == "tar" else "parquet"
-    overhead = 10240  # end-of-archive blocks and record padding, at most
-    groups = _balanced_groups(items, config, overhead)
-    shards = [
-        ShardPlan(number, f"{config.shard_prefix}-{number:06d}.{suffix}", group)
-        for number, group in enumerate(groups)
-    ]
-    digest = xxhash.xxh64()
-    settings = (
-        config.format, config.row_group_rows, config.on_bad_input, config.validate_images,
-        config.jpeg_row_restarts, config.allow_pickle, [asdict(f) for f in fields],
-    )  # fmt: skip
-    digest.update(json.dumps(settings).encode())
-    for shard in shards:
-        digest.update(f"|{shard.path}".encode())
-        for item in shard.items:
-            digest.update(f"{item.key}\0{item.size}\0{item.ref!r}\n".encode())
-    return Plan(
-        plan_id=digest.hexdigest(),
-        shards=shards,
-        fields=fields,
-        metadata=source.metadata(items),
-        format=config.format,
-    )
-
-
 # ---------------------------------------------------------------------------------------------
 # Writing one shard (runs in a worker process)
 
@@ -217,6 +138,52 @@ def _init_worker(
         os.environ.clear()
         os.environ.update(environment)
     _WORKER.update(source=source, config=config, counter=counter)
+
+
+_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def _die_with_parent(main_pid: int) -> None:
+    """Make this pool worker exit when the conversion's main process dies (kill -9 too).
+
+    A pool worker blocks reading its task queue, and its siblings hold that pipe's write end
+    open too, so a killed main process would leave every worker waiting forever (with its
+    source and buffers: ~177 MB each on ImageNet-sized folders). A forked worker is the main
+    process's child: Linux sends it SIGKILL when its parent dies (PR_SET_PDEATHSIG). A
+    forkserver's worker is the server's child, and the server waits for its workers to exit
+    (they hold its "alive" pipe), so the workers must watch the main process themselves: a
+    thread waits on a pidfd of it (immune to pid reuse), or polls its pid every second where
+    pidfds are missing.
+    """
+    if sys.platform.startswith("linux") and os.getppid() == main_pid:
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    try:
+        watched: int | None = os.pidfd_open(main_pid)
+    except ProcessLookupError:
+        os._exit(1)  # died before we could watch it
+    except (AttributeError, OSError):
+        watched = None
+
+    def watch() -> None:
+        if watched is not None:
+            select.select([watched], [], [])  # readable once the process has exited
+        else:
+            with contextlib.suppress(PermissionError):
+                while True:
+                    os.kill(main_pid, 0)
+                    time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="main-process-watchdog", daemon=True).start()
+
+
+def _init_pool_worker(
+    source: Source, config: ConvertConfig, counter: Any, environment: dict[str, str], main_pid: int
+) -> None:
+    _die_with_parent(main_pid)
+    _init_worker(source, config, counter, environment)
 
 
 def _count(n: int) -> None:
@@ -243,30 +210,36 @@ def write_shard(shard: ShardPlan, plan_id: str, fields: list[Field], output: str
             writer = ParquetShardWriter(
                 handle, handle.name, fields, row_group_rows=config.row_group_rows
             )
-        for start in range(0, len(shard.items), batch):
-            chunk = shard.items[start : start + batch]
-            for item, values in source.load(chunk):
-                if isinstance(values, SourceError):
-                    if config.on_bad_input == "raise":
-                        raise ConversionError(
-                            f"{values} (while writing {shard.path})",
-                            hint="fix or remove the input, or pass --on-bad-input skip",
-                        )
-                    log.warning("skipping %s", values)
-                    skipped.append({"source": values.source, "reason": values.reason})
-                    continue
-                if isinstance(writer, TarShardWriter):
-                    members = {
-                        name: codec.encode(kinds[name], value, allow_pickle=config.allow_pickle)
-                        for name, value in values.items()
-                    }
-                    writer.write_sample(item.key, members)
-                else:
-                    writer.write_sample(item.key, values)
-                label = source.label_of(item)
-                if label is not None:
-                    class_counts[str(label)] = class_counts.get(str(label), 0) + 1
-            _count(len(chunk))
+        try:
+            for start in range(0, len(shard.items), batch):
+                chunk = shard.items[start : start + batch]
+                for item, values in source.load(chunk):
+                    if isinstance(values, SourceError):
+                        if config.on_bad_input == "raise":
+                            raise ConversionError(
+                                f"{values} (while writing {shard.path})",
+                                hint="fix or remove the input, or run the same command again "
+                                "with --on-bad-input skip (finished shards are kept)",
+                            )
+                        log.warning("skipping %s", values)
+                        skipped.append({"source": values.source, "reason": values.reason})
+                        continue
+                    if isinstance(writer, TarShardWriter):
+                        members = {
+                            name: codec.encode(kinds[name], value, allow_pickle=config.allow_pickle)
+                            for name, value in values.items()
+                        }
+                        writer.write_sample(item.key, members)
+                    else:
+                        writer.write_sample(item.key, values)
+                    label = source.label_of(item)
+                    if label is not None:
+                        class_counts[str(label)] = class_counts.get(str(label), 0) + 1
+                _count(len(chunk))
+        except BaseException:
+            if isinstance(writer, ParquetShardWriter):
+                writer.abort()  # while its file is open: no complaint from a later __del__
+            raise
         table: SampleTable = writer.close()
         handle.flush()
         shard_bytes = handle.tell()
@@ -317,10 +290,36 @@ class _Progress(tqdm):
     monitor_interval = 0
 
 
+def _finished_earlier(
+    output: str, plan: Plan, storage_config: StorageConfig
+) -> DatasetIndex | None:
+    """The index of this very conversion if a run wrote it and died before removing
+    ``_convert/``; that removal is then finished here."""
+    plan_url = storage.join_url(output, STAGING, PLAN_FILE)
+    if not storage.exists(storage.join_url(output, INDEX_FILE), config=storage_config):
+        return None
+    if not storage.exists(plan_url, config=storage_config):
+        return None
+    previous = json.loads(storage.read_bytes(plan_url, config=storage_config))
+    if previous.get("plan_id") != plan.plan_id:
+        return None
+    index = DatasetIndex.load(output, config=storage_config)
+    log.info("%s: index.json was written; removing the leftover %s/",
+             storage.redact(output), STAGING)  # fmt: skip
+    storage.remove_tree(storage.join_url(output, STAGING), config=storage_config)
+    return index
+
+
 def _prepare_output(config: ConvertConfig, plan: Plan, storage_config: StorageConfig) -> None:
+    """Check what the plan would replace, remove what ``--overwrite`` replaces, claim the
+    planned paths by writing the plan (see dataflow.convert.output, Ownership)."""
     output = storage.normalize_url(config.output)
-    storage.make_bucket(output, config=storage_config)
     index_url = storage.join_url(output, INDEX_FILE)
+    plan_url = storage.join_url(output, STAGING, PLAN_FILE)
+    # Listed before the plan is read: a shard another node wrote meanwhile was claimed by a
+    # plan.json written before it, which the read below then sees.
+    present = files_present(output, storage_config)
+    old: DatasetIndex | None = None
     if storage.exists(index_url, config=storage_config):
         if not config.overwrite:
             raise ConversionError(
@@ -328,11 +327,8 @@ def _prepare_output(config: ConvertConfig, plan: Plan, storage_config: StorageCo
                 hint="pass --overwrite to replace it, or choose another --output",
             )
         old = DatasetIndex.load(output, config=storage_config)
-        storage.remove(index_url, config=storage_config)  # the old dataset is gone first
-        for shard in old.shards:
-            storage.remove(storage.join_url(output, shard.path), config=storage_config)
-            storage.remove(storage.join_url(output, shard.table), config=storage_config)
-    plan_url = storage.join_url(output, STAGING, PLAN_FILE)
+    unfinished: list[str] = []  # shards of an unfinished run of other input or settings
+    owned: set[str] = set()
     if storage.exists(plan_url, config=storage_config):
         previous = json.loads(storage.read_bytes(plan_url, config=storage_config))
         if previous.get("plan_id") != plan.plan_id:
@@ -343,7 +339,22 @@ def _prepare_output(config: ConvertConfig, plan: Plan, storage_config: StorageCo
                     hint="re-run with the same input and options to resume it, or pass "
                     "--overwrite to start over",
                 )
-            storage.remove_tree(storage.join_url(output, STAGING), config=storage_config)
+            unfinished = plain_names(previous.get("shards"))
+        owned.update(plain_names(previous.get("shards")))
+    owned.update([table_path(path) for path in owned])
+    if old is not None:
+        owned.update(path for shard in old.shards for path in (shard.path, shard.table))
+    planned = {s.path for s in plan.shards} | {table_path(s.path) for s in plan.shards}
+    refuse_foreign(output, planned, owned, present)
+    if old is not None:
+        storage.remove(index_url, config=storage_config)  # the old dataset is gone first
+        for shard in old.shards:
+            storage.remove(storage.join_url(output, shard.path), config=storage_config)
+            storage.remove(storage.join_url(output, shard.table), config=storage_config)
+    for path in unfinished:
+        for leftover in (path, table_path(path)):
+            storage.remove(storage.join_url(output, leftover), config=storage_config)
+        storage.remove(_record_url(output, path), config=storage_config)
     document = {
         "plan_id": plan.plan_id,
         "format": plan.format,
@@ -364,18 +375,55 @@ def convert(
         raise ConversionError("no output given", hint="pass --output PATH_OR_URL")
     started = time.perf_counter()
     output = storage.normalize_url(config.output)
-    source = open_source(config, storage_config)
+    source = open_source(config, storage_config)  # first: a missing input is named as such
+    check_apart(source.root, output)
     plan = make_plan(source, config)
     if not plan.shards:
         raise ConversionError(f"{storage.redact(source.root)} holds no records")
-    _prepare_output(config, plan, storage_config)
     node_rank, num_nodes = _node_slice(config)
+    storage.make_bucket(output, config=storage_config)
+    with Lease(output, node_rank, storage_config) as lease:
+        finished = _finished_earlier(output, plan, storage_config)
+        if finished is not None:
+            return ConvertReport(
+                output=output,
+                samples=finished.num_samples,
+                shards=len(finished.shards),
+                bytes=finished.total_bytes,
+                skipped=len(finished.skipped),
+                seconds=time.perf_counter() - started,
+                shards_resumed=len(finished.shards),
+                index_written=True,
+            )
+        _prepare_output(config, plan, storage_config)
+        return _write_slice(
+            config, storage_config, source, plan, node_rank, num_nodes, lease, started, progress
+        )
+
+
+def _write_slice(
+    config: ConvertConfig,
+    storage_config: StorageConfig,
+    source: Source,
+    plan: Plan,
+    node_rank: int,
+    num_nodes: int,
+    lease: Lease,
+    started: float,
+    progress: bool,
+) -> ConvertReport:
+    """Write this node's shards of a prepared output; the index too once all are done."""
+    output = storage.normalize_url(config.output)
     mine = [s for s in plan.shards if s.number % num_nodes == node_rank]
     records: dict[str, ShardRecord] = {}
     todo = []
     for shard in mine:
         record = _read_record(output, shard, storage_config)
-        if record is not None and record.plan_id == plan.plan_id:
+        # A shard that skipped records is not what the 'raise' policy asked for: rewritten.
+        keep = record is not None and record.plan_id == plan.plan_id
+        if keep and record is not None and record.skipped and config.on_bad_input == "raise":
+            keep = False
+        if keep and record is not None:
             shard_url = storage.join_url(output, shard.path)
             if storage.exists(shard_url, config=storage_config):
                 records[shard.path] = record
@@ -401,8 +449,9 @@ def convert(
             for shard in todo:
                 records[shard.path] = write_shard(shard, plan.plan_id, plan.fields, output)
                 bar.update(len(shard.items))
+                lease.renew()
         else:
-            _run_pool(source, config, plan, todo, output, workers, records, bar)
+            _run_pool(source, config, plan, todo, output, workers, records, bar, lease.renew)
     finally:
         bar.close()
     done = all(
@@ -441,6 +490,7 @@ def _run_pool(
     workers: int,
     records: dict[str, ShardRecord],
     bar: _Progress,
+    keep_alive: Callable[[], None],
 ) -> None:
     # A plain fork starts a worker in ~5 ms but is only safe while this process runs no
     # other thread (s3fs's event loop thread may hold locks a child would inherit forever).
@@ -456,8 +506,8 @@ def _run_pool(
     with concurrent.futures.ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
-        initializer=_init_worker,
-        initargs=(source, config, counter, dict(os.environ)),
+        initializer=_init_pool_worker,
+        initargs=(source, config, counter, dict(os.environ), os.getpid()),
     ) as pool:
         futures = {
             pool.submit(write_shard, shard, plan.plan_id, plan.fields, output): shard
@@ -471,6 +521,7 @@ def _run_pool(
                 )
                 bar.n = base + counter.value
                 bar.refresh()
+                keep_alive()
                 for future in finished:
                     shard = futures[future]
                     records[shard.path] = future.result()

@@ -11,6 +11,7 @@ the footer and hashed, so the sample table can drive ranged reads and per-group 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Sequence
 from typing import IO, Any
@@ -154,6 +155,13 @@ class ParquetShardWriter:
             [sample_digest(memoryview(data)[g[2] : g[2] + g[3]]) for g in groups], np.uint64
         )
         return table
+
+    def abort(self) -> None:
+        """Give up on this shard (its file is about to be deleted). Closing the Parquet writer
+        now, while the file is still open, spares pyarrow's finalizer a write to a closed
+        file later, which would print a traceback after the error that stopped the shard."""
+        with contextlib.suppress(Exception):
+            self._writer.close()
 
     @property
     def checksum(self) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from dataflow.formats import codec
 from dataflow.formats.parquet import decode_column_value
 from dataflow.index import DatasetIndex, load_table
 from dataflow.verify import verify_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(source: Path, output: Path, **options: object) -> DatasetIndex:
@@ -112,6 +116,21 @@ def test_jsonl_skip_policy_records_bad_lines(tmp_path: Path) -> None:
     assert index.num_samples == 9
     reasons = {s["source"]: s["reason"] for s in index.skipped}
     assert reasons.keys() == {f"{tmp_path / 'in.jsonl'}:3", f"{tmp_path / 'in.jsonl'}:11"}
+
+
+def test_bad_jsonl_into_parquet_is_one_line_without_writer_noise(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", records(10))
+    with open(tmp_path / "in.jsonl", "a") as handle:
+        handle.write("{not json\n")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "convert.py"), "--input", str(tmp_path / "in.jsonl"),
+         "--output", str(tmp_path / "out"), "--format", "parquet", "--workers", "1", "--quiet"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"error: {tmp_path / 'in.jsonl'}:11: not valid JSON")
+    assert result.stderr.count("\n") == 1, result.stderr  # no "Exception ignored in ..."
+    assert [p.name for p in (tmp_path / "out").glob("*.parquet")] == []
 
 
 def test_chosen_fields_only(tmp_path: Path) -> None:

@@ -82,6 +82,40 @@ def test_bad_input_is_one_readable_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ("--max-shard-bytes", "0"),
+        ("--max-shard-samples", "-1"),
+        ("--workers", "-1"),
+        ("--num-nodes", "0"),
+        ("--node-rank", "5", "--num-nodes", "2"),
+        ("--row-group-rows", "0"),
+    ],
+)
+def test_bad_flag_values_are_one_line_naming_the_flag(
+    photo_folder: Path, tmp_path: Path, flags: tuple[str, ...]
+) -> None:
+    result = tool("convert.py", "--input", str(photo_folder), "--output", str(tmp_path / "o"),
+                  "--quiet", *flags)  # fmt: skip
+    assert result.returncode != 0
+    assert result.stderr.startswith(f"error: {flags[0]} ") and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_verify_threads_must_be_positive(photo_folder: Path, tmp_path: Path) -> None:
+    converted = tool("convert.py", "--input", str(photo_folder), "--output", str(tmp_path),
+                     "--workers", "1", "--quiet")  # fmt: skip
+    assert converted.returncode == 0, converted.stderr
+    result = tool("verify.py", str(tmp_path), "--threads", "0", "--quiet")
+    assert result.returncode != 0
+    assert result.stderr.startswith("error: --threads 0") and result.stderr.count("\n") == 1, (
+        result.stderr
+    )
+
+
 def test_index_existing_tars_in_place(tmp_path: Path) -> None:
     import webdataset
 
@@ -95,6 +129,25 @@ def test_index_existing_tars_in_place(tmp_path: Path) -> None:
     assert "indexed 25 samples in 3 tars" in indexed.stdout
     verified = tool("verify.py", str(tmp_path), "--decode", "--quiet")
     assert verified.returncode == 0, verified.stdout
+
+
+def test_index_only_writes_beside_the_tars_not_into_another_output(tmp_path: Path) -> None:
+    import webdataset
+
+    from dataflow.datasets import photo_jpegs
+
+    with webdataset.ShardWriter(str(tmp_path / "w-%03d.tar"), maxcount=10, verbose=0) as sink:
+        for number, (label, data) in enumerate(photo_jpegs(12, seed=5)):
+            sink.write({"__key__": f"s{number:04d}", "jpg": data, "cls": label})
+    elsewhere = tool("convert.py", "--index-only", "--input", str(tmp_path), "--output",
+                     str(tmp_path / "elsewhere"), "--quiet")  # fmt: skip
+    assert elsewhere.returncode != 0
+    assert elsewhere.stderr.startswith("error: --index-only") and "--output" in elsewhere.stderr
+    assert not (tmp_path / "index.json").exists()
+    same = tool("convert.py", "--index-only", "--input", str(tmp_path), "--output",
+                f"{tmp_path}/", "--quiet")  # fmt: skip
+    assert same.returncode == 0, same.stderr
+    assert "indexed 12 samples in 2 tars" in same.stdout
 
 
 @pytest.mark.timeout(400)

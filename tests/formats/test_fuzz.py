@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from support.fuzz import PARQUET_MUTATIONS, TAR_MUTATIONS
+from support.fuzz import INDEX_FORGERIES, PARQUET_MUTATIONS, TAR_MUTATIONS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,9 +31,8 @@ def test_every_damaged_shard_ends_in_success_or_a_typed_error(tmp_path: Path) ->
     table = report["table"]
     assert sum(sum(counts.values()) for counts in table.values()) == 200
     # Every mutation was tried, and the hostile ones were refused with a typed error.
-    assert {f"tar:{m}" for m in TAR_MUTATIONS} | {f"parquet:{m}" for m in PARQUET_MUTATIONS} == set(
-        table
-    )
+    tar_mutations = {f"tar:{m}" for m in [*TAR_MUTATIONS, *INDEX_FORGERIES]}
+    assert tar_mutations | {f"parquet:{m}" for m in PARQUET_MUTATIONS} == set(table)
     for refused in ("escaping_name", "link_member", "huge_size", "duplicate_key"):
         assert set(table[f"tar:{refused}"]) == {"typed"}, (refused, table[f"tar:{refused}"])
     # Memory stays bounded (image bombs are refused from their headers).
@@ -72,3 +71,33 @@ def test_a_reshard_never_passes_a_truncated_or_oversized_jpeg(tmp_path: Path) ->
             outcome = fuzz.run_tar_case(number, 1, str(tmp_path))
             assert outcome.result == "ok", (mutation, number, outcome.detail)
             assert outcome.resharded_skipped == 1, (mutation, number)
+
+
+@pytest.mark.timeout(180)
+def test_a_forged_index_or_table_takes_no_memory_it_names(tmp_path: Path) -> None:
+    """Issue 17.10: shard sizes of 1e12, sample counts of 2e9 and sample tables that inflate
+    or declare 2**40 rows, in an index the attacker wrote over intact tars. Each case runs in
+    a child whose address space is capped: allocating by a forged number is a MemoryError
+    there (a "crash" outcome), not this machine's memory."""
+    from support import fuzz
+
+    by_mutation: dict[str, list[int]] = {name: [] for name in INDEX_FORGERIES}
+    for number in range(0, 600, 2):
+        by_mutation.get(fuzz.plan(number, 1)[1], []).append(number)
+    cases = [number for numbers in by_mutation.values() for number in numbers[:3]]
+    assert len(cases) == 3 * len(INDEX_FORGERIES)
+    code = (
+        "import json, os, resource, sys; sys.path[:0] = ['tests']\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))\n"
+        "from support import fuzz\n"
+        f"summary = fuzz.run_cases({cases!r}, seed=1, sandbox={str(tmp_path)!r},\n"
+        "                         parquet_base='')\n"
+        "print(json.dumps([[o.mutation, o.result, o.detail] for o in summary.outcomes]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=170)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcomes = json.loads(done.stdout.splitlines()[-1])
+    for mutation, result, detail in outcomes:
+        expected = "ok" if mutation == "forged_shard_bytes" else "typed"
+        assert result == expected, (mutation, result, detail)

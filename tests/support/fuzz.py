@@ -5,7 +5,8 @@ Each case takes a small valid dataset, damages one shard in one of ``TAR_MUTATIO
 ``PARQUET_MUTATIONS`` ways (case number → mutation and bytes, all from one seed), and runs
 what a user runs on shards from elsewhere:
 
-- tars: index them in place (``index_existing_tars``, the attacker also writes the index),
+- tars: index them in place (``index_existing_tars``, the attacker also writes the index —
+  and in ``INDEX_FORGERIES`` lies in it over intact tars: sizes, counts, sample tables),
   train on them one epoch with ``on_bad_sample = "skip"`` (decode, crop, labels), and
   ``verify`` them against that index, decoding every field;
 - Parquet: the loader (skip) and ``verify`` against the index written before the damage;
@@ -37,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from dataflow.errors import DataError
+from dataflow.errors import DataError, DatasetIndexError
 from dataflow.formats.tar import BLOCK, iter_members, member_header, padded
 
 CASE_TIMEOUT_S = 20
@@ -276,6 +277,70 @@ TAR_MUTATIONS = _tar_mutations()
 PARQUET_MUTATIONS = ("flip_footer", "truncate_footer", "footer_length", "flip_body", "truncate")
 
 
+# -- index forgeries: the attacker who writes the index lies in it (issue 17.10) ---------------
+def _forge(folder: str, edit: Callable[[dict[str, Any]], None]) -> None:
+    path = os.path.join(folder, "index.json")
+    with open(path) as handle:
+        document = json.load(handle)
+    edit(document)
+    document["num_samples"] = sum(shard["samples"] for shard in document["shards"])
+    with open(path, "w") as handle:
+        json.dump(document, handle)
+
+
+def _forge_table(folder: str, name: str, rows: int, payload: Iterator[bytes]) -> None:
+    """Shard 0's sample table with member ``name`` (int64, ``rows`` long by its header)
+    deflated from ``payload``, and the index's size and checksum of the table to match."""
+    import zipfile
+
+    from dataflow.index import checksum
+
+    path = os.path.join(folder, "shard-000.tar.samples.npz")
+    with np.load(path) as arrays:
+        kept = {key: arrays[key] for key in arrays.files if key != name}
+    buffer = io.BytesIO()
+    np.savez(buffer, **kept)  # type: ignore[arg-type]
+    header = {"descr": "<i8", "fortran_order": False, "shape": (rows,)}
+    with (
+        zipfile.ZipFile(buffer, "a", compression=zipfile.ZIP_DEFLATED) as archive,
+        archive.open(f"{name}.npy", "w", force_zip64=True) as member,
+    ):
+        np.lib.format.write_array_header_1_0(member, header)
+        for chunk in payload:
+            member.write(chunk)
+    data = buffer.getvalue()
+    with open(path, "wb") as handle:
+        handle.write(data)
+    _forge(folder, lambda d: d["shards"][0].update(table_bytes=len(data),
+                                                   table_checksum=checksum(data)))  # fmt: skip
+
+
+def _index_forgeries() -> dict[str, Callable[[str, random.Random], None]]:
+    def forged_shard_bytes(folder: str, rng: random.Random) -> None:
+        size = rng.choice([10**12, 2**40, 2**31])
+        _forge(folder, lambda d: d["shards"][0].update(bytes=size))
+
+    def forged_sample_count(folder: str, rng: random.Random) -> None:
+        count = rng.choice([2 * 10**9, 2**24 + 1, 10**6])
+        _forge(folder, lambda d: d["shards"][0].update(samples=count))
+
+    def inflating_table(folder: str, rng: random.Random) -> None:
+        rows = rng.choice([8 << 20, 2 << 20])  # 64 or 16 MiB of offsets from a few KB
+        zeros = bytes(1 << 20)
+        _forge_table(folder, "offsets", rows, (zeros for _ in range(rows * 8 >> 20)))
+
+    def table_header_lies(folder: str, rng: random.Random) -> None:
+        rows = rng.choice([2**40, 2**31, SAMPLES + 1])
+        _forge_table(folder, "sizes", rows, iter([bytes(8 * SAMPLES)]))
+
+    return {f.__name__: f for f in (
+        forged_shard_bytes, forged_sample_count, inflating_table, table_header_lies,
+    )}  # fmt: skip
+
+
+INDEX_FORGERIES = _index_forgeries()
+
+
 def mutate_parquet(data: bytes, mutation: str, rng: random.Random) -> bytes:
     if mutation == "flip_footer":
         return _flip(data, rng, max(0, len(data) - 512), len(data), rng.randint(1, 8))
@@ -338,7 +403,9 @@ def _rss_mb() -> float:
 
 def _typed(error: DataError, shard: str) -> tuple[str, str]:
     text = str(error)
-    named = shard in text and (error.offset is not None or error.key is not None)
+    # An index error names the shard's entry and field; there is no sample byte to name.
+    located = error.offset is not None or error.key is not None
+    named = shard in text and (located or isinstance(error, DatasetIndexError))
     return ("typed" if named else "untyped"), text[:300]
 
 
@@ -349,7 +416,7 @@ def _epoch(url: str) -> tuple[int, int]:
     config = DataConfig(url=url, image_field="jpg", label_field="cls", image_size=32,
                         global_batch=4, drop_last=False, shuffle_window=2, on_bad_sample="skip",
                         decode_workers=1, fetch_workers=1, readahead_shards=1,
-                        prefetch_batches=1)  # fmt: skip
+                        prefetch_batches=1, max_skip_fraction=1.0)  # fmt: skip
     loader = Loader(config, rank=0, world_size=1)
     try:
         delivered = sum(int(batch["__valid__"].sum()) for batch in loader)
@@ -367,17 +434,19 @@ def plan(number: int, seed: int) -> tuple[str, str, random.Random]:
     """Case ``number``'s shard kind (even: tar, odd: Parquet), mutation, and random source."""
     rng = random.Random(seed * 1_000_003 + number)
     if number % 2 == 0:
-        return "tar", rng.choice(sorted(TAR_MUTATIONS)), rng
+        return "tar", rng.choice(sorted(TAR_MUTATIONS) + sorted(INDEX_FORGERIES)), rng
     return "parquet", rng.choice(PARQUET_MUTATIONS), rng
 
 
 def run_tar_case(number: int, seed: int, sandbox: str) -> Outcome:
     from dataflow.convert.existing import index_existing_tars
+    from dataflow.index import DatasetIndex
     from dataflow.verify import verify_dataset
 
     _, mutation, rng = plan(number, seed)
     members = sample_members(seed, 0)
-    damaged = TAR_MUTATIONS[mutation](pack(members), members, rng)
+    forgery = INDEX_FORGERIES.get(mutation)  # intact tars, a lying index
+    damaged = pack(members) if forgery else TAR_MUTATIONS[mutation](pack(members), members, rng)
     folder = os.path.join(sandbox, f"case-{number:05d}")
     os.makedirs(folder)
     shard = "shard-000.tar"
@@ -389,6 +458,9 @@ def run_tar_case(number: int, seed: int, sandbox: str) -> Outcome:
     try:
         try:
             index = index_existing_tars(folder, progress=False, threads=1)
+            if forgery is not None:
+                forgery(folder, rng)
+                index = DatasetIndex.load(folder)
         except DataError as error:
             outcome.result, outcome.detail = _typed(error, shard)
             return _reshard(folder, shard, outcome)
@@ -473,7 +545,8 @@ def run_parquet_case(number: int, seed: int, sandbox: str, base: str) -> Outcome
         from dataflow import DataConfig, Loader
 
         loader = Loader(DataConfig(url=folder, label_field="", global_batch=4, drop_last=False,
-                                   on_bad_sample="skip", fetch_workers=1, decode_workers=1),
+                                   on_bad_sample="skip", fetch_workers=1, decode_workers=1,
+                                   max_skip_fraction=1.0),
                         rank=0, world_size=1)  # fmt: skip
         try:
             delivered = sum(int(batch["__valid__"].sum()) for batch in loader)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -61,7 +62,7 @@ def apply_flags(section: T, args: argparse.Namespace) -> T:
     try:
         return dataclasses.replace(section, **flags)  # type: ignore[type-var]
     except ValueError as error:
-        named = [name for name in flags if name in str(error)] or list(flags)
+        named = [name for name in flags if re.search(rf"\b{name}\b", str(error))] or list(flags)
         given = ", ".join(f"--{name.replace('_', '-')} {flags[name]}" for name in named)
         raise ConfigError(f"{given}: {error}") from None
 

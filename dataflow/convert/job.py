@@ -147,8 +147,8 @@ def _die_with_parent(main_pid: int) -> None:
     """Make this pool worker exit when the conversion's main process dies (kill -9 too).
 
     A pool worker blocks reading its task queue, and its siblings hold that pipe's write end
-    open too, so a killed main process would leave every worker waiting forever (with its
-    source and buffers: ~177 MB each on ImageNet-sized folders). A forked worker is the main
+    open too, so a killed main process would leave every worker waiting forever, with all it
+    holds (177 MB each in the case reported). A forked worker is the main
     process's child: Linux sends it SIGKILL when its parent dies (PR_SET_PDEATHSIG). A
     forkserver's worker is the server's child, and the server waits for its workers to exit
     (they hold its "alive" pipe), so the workers must watch the main process themselves: a

@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Any
 
+from dataflow import processes
+
 LEASE = "train.lease"
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 30.0
@@ -38,27 +40,6 @@ STALE_AFTER_S = 30.0
 
 class OutDirBusyError(Exception):
     """Another live job holds the lease on this ``train.out_dir``."""
-
-
-def _start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot ('' where /proc cannot tell)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
-            # The command name (field 2) may hold spaces: count fields after its ')'.
-            return handle.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
-
-
-def _running(pid: int, start_time: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        pass
-    # A reused pid belongs to a process that started at another time.
-    return not start_time or _start_time(pid) in ("", start_time)
 
 
 class Lease:
@@ -77,7 +58,8 @@ class Lease:
     def acquire(self) -> None:
         """Take the lease or raise ``OutDirBusyError``; starts the heartbeat."""
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        mine = {"host": self.host, "pid": os.getpid(), "pid_start": _start_time(os.getpid()),
+        pid = os.getpid()
+        mine = {"host": self.host, "pid": pid, "pid_start": processes.start_time(pid),
                 "run": self.run_id, "since": round(time.time(), 3)}  # fmt: skip
         temporary = f"{self.path}.{self.host}.{os.getpid()}.tmp"
         with open(temporary, "w", encoding="utf-8") as handle:
@@ -136,7 +118,7 @@ class Lease:
 
     def _alive(self, holder: dict[str, Any]) -> bool:
         if holder.get("host") == self.host and isinstance(holder.get("pid"), int):
-            return _running(holder["pid"], str(holder.get("pid_start", "")))
+            return processes.running(holder["pid"], str(holder.get("pid_start", "")))
         # On another host (or unreadable): alive while its heartbeat moves the mtime.
         try:
             seen = os.stat(self.path).st_mtime_ns

@@ -38,7 +38,7 @@ import uuid
 from types import TracebackType
 from typing import Any
 
-from dataflow import storage
+from dataflow import processes, storage
 from dataflow.errors import DataError
 from dataflow.storage import StorageConfig
 from dataflow.storage.retry import permanent_reason
@@ -135,16 +135,6 @@ def refuse_foreign(output: str, planned: set[str], owned: set[str], present: set
 # Lease
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process: alive
-    return True
-
-
 class Lease:
     """One writer per node slice of ``output`` (see the module docstring); a context manager."""
 
@@ -230,7 +220,7 @@ class Lease:
             return True
         pid = holder.get("pid")
         same_host = holder.get("host") == socket.gethostname()
-        return same_host and isinstance(pid, int) and not _process_alive(pid)
+        return same_host and isinstance(pid, int) and not processes.running(pid)
 
     def acquire(self) -> Lease:
         for _ in range(3):

@@ -18,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from typing import IO
 
+from dataflow import processes
+
 log = logging.getLogger(__name__)
 
 # shardflow-<owner pid>-<random>.part: the pid says whose it is, to a person and to the sweep.
@@ -43,16 +45,6 @@ def spool_file(spool_dir: str | None) -> Iterator[IO[bytes]]:
         yield spool
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # another user's process
-    return True
-
-
 def discard_dead_spools(directory: str) -> int:
     """Delete the spool files that killed writers left in ``directory``; returns the count.
 
@@ -66,7 +58,7 @@ def discard_dead_spools(directory: str) -> int:
         return 0
     for name in names:
         match = _SPOOL_NAME.fullmatch(name)
-        if match is None or _pid_alive(int(match.group(1))):
+        if match is None or processes.running(int(match.group(1))):
             continue
         path = os.path.join(directory, name)
         try:

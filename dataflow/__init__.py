@@ -7,7 +7,16 @@ from typing import Any
 
 from dataflow.index import DatasetIndex, Field, SampleTable, ShardEntry
 
-__all__ = ["DataConfig", "DatasetIndex", "Field", "Loader", "SampleTable", "ShardEntry"]
+__all__ = [
+    "DataConfig",
+    "DatasetIndex",
+    "Field",
+    "Loader",
+    "SampleTable",
+    "ShardEntry",
+    "ShardWriter",
+    "convert_samples",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,4 +25,8 @@ def __getattr__(name: str) -> Any:
         from dataflow import pipeline
 
         return getattr(pipeline, name)
+    if name in ("ShardWriter", "convert_samples"):
+        from dataflow.convert import writer
+
+        return getattr(writer, name)
     raise AttributeError(f"module 'dataflow' has no attribute {name!r}")

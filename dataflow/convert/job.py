@@ -367,16 +367,25 @@ def _prepare_output(config: ConvertConfig, plan: Plan, storage_config: StorageCo
 
 
 def convert(
-    config: ConvertConfig, storage_config: StorageConfig | None = None, *, progress: bool = True
+    config: ConvertConfig,
+    storage_config: StorageConfig | None = None,
+    *,
+    progress: bool = True,
+    source: Source | None = None,
 ) -> ConvertReport:
-    """Convert ``config.input`` into shards at ``config.output`` (see the module docstring)."""
+    """Convert ``config.input`` into shards at ``config.output`` (see the module docstring).
+
+    ``source`` replaces the input named by the config: dataflow.convert.writer passes the
+    samples a Python program wrote, so they take the very path the CLI's do.
+    """
     storage_config = storage_config or StorageConfig()
     if not config.output:
         raise ConversionError("no output given", hint="pass --output PATH_OR_URL")
     started = time.perf_counter()
     output = storage.normalize_url(config.output)
-    source = open_source(config, storage_config)  # first: a missing input is named as such
-    check_apart(source.root, output)
+    if source is None:
+        source = open_source(config, storage_config)  # first: a missing input is named as such
+        check_apart(source.root, output)
     plan = make_plan(source, config)
     if not plan.shards:
         raise ConversionError(f"{storage.redact(source.root)} holds no records")
@@ -481,6 +490,17 @@ def _write_slice(
     )
 
 
+def pool_context() -> multiprocessing.context.BaseContext:
+    """The start method for pool workers."""
+    # A plain fork starts a worker in ~5 ms but is only safe while this process runs no
+    # other thread (s3fs's event loop thread may hold locks a child would inherit forever).
+    # Otherwise a forkserver: a clean process, ~0.25 s to start with the preload.
+    if threading.active_count() == 1:
+        return multiprocessing.get_context("fork")
+    multiprocessing.set_forkserver_preload(["dataflow.convert.job"])
+    return multiprocessing.get_context("forkserver")
+
+
 def _run_pool(
     source: Source,
     config: ConvertConfig,
@@ -492,15 +512,7 @@ def _run_pool(
     bar: _Progress,
     keep_alive: Callable[[], None],
 ) -> None:
-    # A plain fork starts a worker in ~5 ms but is only safe while this process runs no
-    # other thread (s3fs's event loop thread may hold locks a child would inherit forever).
-    # Otherwise a forkserver: a clean process, ~0.25 s to start with the preload.
-    context: multiprocessing.context.BaseContext
-    if threading.active_count() == 1:
-        context = multiprocessing.get_context("fork")
-    else:
-        context = multiprocessing.get_context("forkserver")
-        multiprocessing.set_forkserver_preload(["dataflow.convert.job"])
+    context = pool_context()
     counter = context.Value("q", 0)
     base = bar.n
     with concurrent.futures.ProcessPoolExecutor(

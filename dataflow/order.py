@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -74,6 +75,12 @@ class EpochOrder:
         block_sizes = np.asarray([int(self.sizes[b].sum()) for b in blocks], dtype=np.int64)
         self.block_starts = np.concatenate([[0], np.cumsum(block_sizes)]).astype(np.int64)
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
+        # What read-ahead needs (the ``SampleOrder`` protocol): shards in the order they are
+        # first needed, and the last position that reads each shard.
+        self.need_order = self.shard_order
+        self.last_position = np.empty(len(self.sizes), dtype=np.int64)
+        for number, block in enumerate(blocks):
+            self.last_position[block] = self.block_starts[number + 1] - 1
 
     def __len__(self) -> int:
         return self.total
@@ -112,6 +119,35 @@ class EpochOrder:
         shards = np.searchsorted(self.shard_starts, sample_ids, side="right") - 1
         return shards, sample_ids - self.shard_starts[shards]
 
+    def needed_count(self, last_position: int) -> int:
+        """How many shards of ``need_order`` positions ``[0, last_position]`` read: all the
+        shards of every block up to the one holding ``last_position``."""
+        block = int(np.searchsorted(self.block_starts, last_position, "right") - 1)
+        return min(len(self.need_order), (block + 1) * self.window)
+
+
+class SampleOrder(Protocol):
+    """What the loader needs of an epoch's order (``EpochOrder``; a mix of datasets too)."""
+
+    total: int
+    """Positions in the epoch."""
+    need_order: np.ndarray
+    """Every shard once, in the order the epoch first reads it (read-ahead follows it)."""
+    last_position: np.ndarray
+    """Per shard, the last position that reads it (after that, read-ahead drops it)."""
+
+    def take(self, start: int, stop: int) -> np.ndarray:
+        """Sample ids at positions ``[start, stop)``; positions past the end wrap around."""
+        ...
+
+    def shard_of(self, sample_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, row within shard) of sample ids."""
+        ...
+
+    def needed_count(self, last_position: int) -> int:
+        """How many leading shards of ``need_order`` positions up to ``last_position`` read."""
+        ...
+
 
 def num_batches(total: int, global_batch: int, drop_last: bool) -> int:
     """Global batches in an epoch; every rank gets exactly this many."""
@@ -131,7 +167,7 @@ def samples_due(total: int, global_batch: int, steps: int, *, rank: int, world_s
 
 
 def rank_batch(
-    order: EpochOrder, step: int, *, global_batch: int, rank: int, world_size: int
+    order: SampleOrder, step: int, *, global_batch: int, rank: int, world_size: int
 ) -> BatchPlan:
     """Rank ``rank``'s slice of global batch ``step``; positions past the end are padding."""
     if global_batch % world_size:

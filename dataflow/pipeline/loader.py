@@ -409,10 +409,7 @@ class _Run:
         )  # fmt: skip
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
         self.views: dict[int, concurrent.futures.Future[ShardView]] = {}
-        self.scheduled_until = 0  # index into order.shard_order
-        self.block_of_shard = np.empty(len(loader.sizes), dtype=np.int64)
-        for number, block in enumerate(self.order.blocks):
-            self.block_of_shard[block] = number
+        self.scheduled_until = 0  # index into order.need_order
         self.producer = threading.Thread(
             target=self._produce, name="shardflow-producer", daemon=True
         )
@@ -430,19 +427,17 @@ class _Run:
 
     def _schedule(self, step: int) -> None:
         """Fetch the shards this global batch touches plus readahead_shards beyond them."""
-        config = self.loader.config
-        total = self.order.total
-        last_position = min(total - 1, (step + 1) * config.global_batch - 1)
-        last_block = int(np.searchsorted(self.order.block_starts, last_position, "right") - 1)
-        needed_until = min(len(self.order.shard_order), (last_block + 1) * self.order.window)
-        target = min(len(self.order.shard_order), needed_until + self.loader.readahead)
+        global_batch = self.loader.config.global_batch
+        order = self.order
+        last_position = min(order.total - 1, (step + 1) * global_batch - 1)
+        target = min(len(order.need_order),
+                     order.needed_count(last_position) + self.loader.readahead)  # fmt: skip
         while self.scheduled_until < target:
-            self._view(int(self.order.shard_order[self.scheduled_until]))
+            self._view(int(order.need_order[self.scheduled_until]))
             self.scheduled_until += 1
-        # Drop shards of blocks the global position has left behind.
-        first_position = min(total - 1, step * self.loader.config.global_batch)
-        current_block = int(np.searchsorted(self.order.block_starts, first_position, "right") - 1)
-        for shard in [s for s in self.views if self.block_of_shard[s] < current_block]:
+        # Drop shards that no position from here on reads.
+        first_position = min(order.total - 1, step * global_batch)
+        for shard in [s for s in self.views if order.last_position[s] < first_position]:
             del self.views[shard]
 
     def _produce(self) -> None:

@@ -3,6 +3,7 @@
 
     python tools/bench_peers.py [--config FILE] [--count 3000] [--repeat 2] [--out reports/]
                                 [--skip-peers] [--skip-s3] [--rss-epochs 5]
+    python tools/bench_peers.py --baseline REF [--baseline-only] …
 
 All in one run on the same cores (default: every core this process may use), on an
 ImageNet-like set of real-photo JPEGs (~33 KB; dataflow.datasets.write_photo_folder)
@@ -33,6 +34,11 @@ converted once to tar shards, every method doing decode + random-resized-crop 22
                                 sample tables) → decoders.image_random_crop → resize → flip
     DALI decode alone           DALI decoding our crop windows of photos already in memory,
                                 batch 64, no loader: the DALI backend's ceiling on these cores
+
+With ``--baseline REF`` (a commit), "ours" is also measured from a checkout of REF (a
+``git worktree`` with this tree's compiled extension), both in fresh processes taking turns,
+--repeat rounds each, best of each: a regression check in one run on the same cores, written
+to ``<out>/bench_peers_baseline.json`` (``--baseline-only`` stops there).
 
 Then every loader again, one epoch each from S3 behind a local S3 server and the fault proxy
 shaped to ≈30 ms first byte and ≈90 MB/s per connection, as its users read remote data: ours
@@ -101,6 +107,75 @@ def run_ours(
         samples = sum(len(batch["__key__"]) for batch in loader)
         best = max(best, samples / (time.perf_counter() - started))
     return best, loader
+
+
+# Runs "ours" in a fresh interpreter whose ``dataflow`` is the tree at argv[1] (argv[2]: the
+# [data] settings as JSON; settings that tree's DataConfig lacks are dropped and named).
+_OURS_IN_TREE = """
+import dataclasses, json, sys, time
+sys.path.insert(0, sys.argv[1])
+from dataflow.pipeline import DataConfig, Loader
+settings, epochs = json.loads(sys.argv[2]), int(sys.argv[3])
+known = {f.name for f in dataclasses.fields(DataConfig)}
+config = DataConfig(**{k: v for k, v in settings.items() if k in known})
+loader = Loader(config, rank=0, world_size=1)
+best = 0.0
+for epoch in range(epochs):
+    loader.set_epoch(epoch)
+    started = time.perf_counter()
+    samples = sum(len(batch["__key__"]) for batch in loader)
+    best = max(best, samples / (time.perf_counter() - started))
+print(json.dumps({"rate": best, "dropped": sorted(set(settings) - known)}))
+"""
+
+
+def baseline_tree(ref: str, work: str) -> str:
+    """A checkout of ``ref`` at ``work`` (a git worktree, reused), with the compiled ROI
+    decoder copied from this tree so that both sides decode with the same extension."""
+    import glob
+    import shutil
+
+    commit = subprocess.run(["git", "-C", REPO, "rev-parse", ref], check=True, text=True,
+                            capture_output=True).stdout.strip()  # fmt: skip
+    head = ""
+    if os.path.isdir(work):
+        head = subprocess.run(["git", "-C", work, "rev-parse", "HEAD"], text=True,
+                              capture_output=True).stdout.strip()  # fmt: skip
+    if head != commit:
+        subprocess.run(["git", "-C", REPO, "worktree", "remove", "--force", work],
+                       capture_output=True)  # fmt: skip
+        shutil.rmtree(work, ignore_errors=True)
+        subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", work, commit],
+                       check=True, capture_output=True)  # fmt: skip
+    for built in glob.glob(os.path.join(REPO, "dataflow", "decode", "*.so")):
+        shutil.copy(built, os.path.join(work, "dataflow", "decode"))
+    return commit
+
+
+def run_against_baseline(data: DataConfig, ref: str, work: str, rounds: int,
+                         epochs: int) -> dict[str, Any]:  # fmt: skip
+    """Ours from this tree and from ``ref``, each in a fresh process, taking turns."""
+    commit = baseline_tree(ref, work)
+    settings = json.dumps(dataclasses.asdict(data))
+    rates: dict[str, list[float]] = {"this tree": [], f"ours @{commit[:10]}": []}
+    dropped: list[str] = []
+    for _ in range(rounds):
+        for name, tree in (("this tree", REPO), (f"ours @{commit[:10]}", work)):
+            done = subprocess.run([sys.executable, "-c", _OURS_IN_TREE, tree, settings,
+                                   str(epochs)], check=True, text=True,
+                                  capture_output=True)  # fmt: skip
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            rates[name].append(result["rate"])
+            dropped = dropped or result["dropped"]
+    best = {name: max(values) for name, values in rates.items()}
+    this, before = best["this tree"], best[f"ours @{commit[:10]}"]
+    return {
+        "baseline": commit,
+        "rounds": rates,
+        "best": best,
+        "ratio": this / before,
+        "settings_the_baseline_lacks": dropped,
+    }
 
 
 def run_reference(photos: list[bytes], size: int) -> float:
@@ -393,6 +468,12 @@ def main() -> int:
     arguments.add_argument("--skip-dali", action="store_true")
     arguments.add_argument("--s3-connections", type=int, default=4)
     arguments.add_argument("--out", default=os.path.join(REPO, "reports"))
+    arguments.add_argument(
+        "--baseline", default="", help="also measure ours at this commit (a regression check)"
+    )
+    arguments.add_argument(
+        "--baseline-only", action="store_true", help="with --baseline: measure only ours against it"
+    )
     args, config = _cli.parse(arguments)
     cores = len(os.sched_getaffinity(0))
     photos_dir = args.data_dir
@@ -401,6 +482,21 @@ def main() -> int:
     data = dataclasses.replace(config.data, url=shards, global_batch=64, image_size=224)
     results: dict[str, float] = {}
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
+    if args.baseline:
+        work = args.data_dir.rstrip("/") + "-baseline-tree"
+        against = run_against_baseline(data, args.baseline, work, args.repeat * 2, args.repeat)
+        for name, values in against["rounds"].items():
+            say(f"{name}: " + ", ".join(f"{v:.0f}" for v in values) + " samples/s")
+        say(f"this tree ÷ {args.baseline} ({against['baseline'][:10]}): {against['ratio']:.3f}×")
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench_peers_baseline.json"), "w") as handle:
+            json.dump({
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                "machine": machine(sorted(os.sched_getaffinity(0))),
+                "command": " ".join(sys.argv), "config": dataclasses.asdict(data), **against,
+            }, handle, indent=1)  # fmt: skip
+        if args.baseline_only:
+            return 0
 
     photos = []
     for path, _ in files:

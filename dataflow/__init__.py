@@ -12,6 +12,7 @@ __all__ = [
     "DatasetIndex",
     "Field",
     "Loader",
+    "MixSource",
     "SampleTable",
     "ShardEntry",
     "ShardWriter",
@@ -21,7 +22,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     # The loader imports torch (~1 s); conversion tools and their workers never need it.
-    if name in ("Loader", "DataConfig"):
+    if name in ("Loader", "DataConfig", "MixSource"):
         from dataflow import pipeline
 
         return getattr(pipeline, name)

@@ -191,6 +191,11 @@ def build(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         if key not in field_names:
             raise _unknown_key_error(cls, key, where)
         kwargs[key] = _coerce(hints[key], value, f"{where}.{key}" if where else key)
+    for required in dataclasses.fields(cls):  # type: ignore[arg-type]
+        no_default = required.default is dataclasses.MISSING
+        no_factory = required.default_factory is dataclasses.MISSING
+        if no_default and no_factory and required.init and required.name not in kwargs:
+            raise ConfigError(f"[{where or cls.__name__}] lacks the key '{required.name}'")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -284,6 +289,8 @@ def dumps_toml(data: Mapping[str, Any]) -> str:
             return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if isinstance(value, list | tuple):
             return "[" + ", ".join(scalar(v) for v in value) + "]"
+        if isinstance(value, Mapping):  # a table inside a list (data.mix): inline
+            return "{" + ", ".join(f"{k} = {scalar(v)}" for k, v in value.items()) + "}"
         if value is None:
             raise ConfigError("TOML has no null; leave the key out instead")
         raise ConfigError(f"cannot write {value!r} as TOML")

@@ -190,3 +190,46 @@ def test_data_config_built_in_code_reads_byte_size_strings() -> None:
         DataConfig(cache_bytes="lots")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="cache_bytes must be >= 0, got -1"):
         DataConfig(cache_bytes=-1)
+
+
+def test_data_mix_is_a_list_of_tables_in_either_toml_form(tmp_path: Path) -> None:
+    path = tmp_path / "mix.toml"
+    path.write_text(
+        '[[data.mix]]\nurl = "s3://a/set"\nweight = 0.7\n\n'
+        '[[data.mix]]\nurl = "/data/b"\nweight = 3\n'
+    )
+    config = load(path)
+    assert [(m.url, m.weight) for m in config.data.mix] == [("s3://a/set", 0.7), ("/data/b", 3.0)]
+    inline = load(
+        None, ['data.mix=[{url = "s3://a/set", weight = 0.7}, {url = "/data/b", weight = 3}]']
+    )
+    assert inline.data.mix == config.data.mix
+    # What the trainer writes next to its checkpoints reads back the same.
+    dumped = tmp_path / "dumped.toml"
+    dumped.write_text(dumps_toml(dataclasses.asdict(config)))
+    assert load(dumped).data.mix == config.data.mix
+
+
+@pytest.mark.parametrize(
+    ("mix", "message"),
+    [
+        ('[{url = "a", weight = 1}, {url = "b", weight = -0.5}]',
+         r"\[data\.mix\[1\]\] weight must be a number > 0, got -0\.5 \(b\)"),
+        ('[{url = "a", weight = 1}, {url = "b", weight = 0}]', r"data\.mix\[1\].*weight must be"),
+        ('[{url = "a", weight = 1}, {url = "b", wieght = 1}]',
+         r"unknown key 'wieght' in \[data\.mix\[1\]\]; did you mean 'weight'"),
+        ('[{weight = 1}]', r"\[data\.mix\[0\]\] lacks the key 'url'"),
+        ('[{url = "", weight = 1}]', r"data\.mix\[0\]\] url is empty"),
+        ('[{url = "a", weight = "lots"}]', r"data\.mix\[0\]\.weight must be a number"),
+        ('[{url = "a", weight = 1}, {url = "a", weight = 2}]',
+         r"data\.mix\[1\]\.url = 'a' is listed twice"),
+    ],
+)  # fmt: skip
+def test_bad_data_mix_names_the_entry_and_key(mix: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(None, [f"data.mix={mix}"])
+
+
+def test_data_mix_and_url_together_are_refused() -> None:
+    with pytest.raises(ConfigError, match=r"data\.url = '/x' and data\.mix are both set"):
+        load(None, ["data.url=/x", 'data.mix=[{url = "a", weight = 1}]'])

@@ -9,9 +9,33 @@ from dataflow.config import ByteSize, ConfigError, parse_bytes
 
 
 @dataclass(kw_only=True)
+class MixSource:
+    """One dataset of a mix (``data.mix``)."""
+
+    url: str
+    """Dataset root (holds index.json): a local path or an s3:// URL."""
+    weight: float = 1.0
+    """Its share of every batch; normalised over the mix (0.7 and 0.3, or 7 and 3)."""
+
+    def __post_init__(self) -> None:
+        if not self.url:
+            raise ValueError("url is empty; point it at a dataset's root")
+        if not (isinstance(self.weight, int | float) and 0 < self.weight < float("inf")):
+            raise ValueError(f"weight must be a number > 0, got {self.weight!r} ({self.url})")
+
+    @classmethod
+    def from_weights(cls, weights: dict[str, float]) -> list[MixSource]:
+        """``{url: weight}`` as ``data.mix``: ``DataConfig(mix=MixSource.from_weights(...))``."""
+        return [cls(url=url, weight=weight) for url, weight in weights.items()]
+
+
+@dataclass(kw_only=True)
 class DataConfig:
     url: str = ""
-    """Dataset root (holds index.json): a local path or an s3:// URL."""
+    """Dataset root (holds index.json): a local path or an s3:// URL. Empty with ``mix``."""
+    mix: list[MixSource] = field(default_factory=list)
+    """Several datasets mixed by weight instead of ``url`` (dataflow.mix): each batch holds
+    each one's share, each walks its own epochs, and resume stays exact."""
     global_batch: int = 256
     """Samples per step across all ranks; each rank takes global_batch / world_size."""
     seed: int = 0
@@ -83,6 +107,7 @@ class DataConfig:
     """'cuda' (or 'cuda:N'): copy batches on a side CUDA stream; empty: stay on the CPU."""
 
     def __post_init__(self) -> None:
+        self._check_mix()
         for name in ("autotune_memory", "cache_bytes"):
             # Built in code, a size may still be "1GB": the same parser as the TOML loader.
             try:
@@ -109,3 +134,19 @@ class DataConfig:
             raise ValueError(f"crop_scale must be [min, max] within (0, 1], got {self.crop_scale}")
         if len(self.crop_ratio) != 2 or not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError(f"crop_ratio must be [min, max] > 0, got {self.crop_ratio}")
+
+    def _check_mix(self) -> None:
+        if not self.mix:
+            return
+        if self.url:
+            raise ValueError(
+                f"data.url = {self.url!r} and data.mix are both set; leave data.url empty "
+                "(data.mix lists every dataset, this one too if it is meant)"
+            )
+        urls = [source.url for source in self.mix]
+        for number, url in enumerate(urls):
+            if url in urls[:number]:
+                raise ValueError(
+                    f"data.mix[{number}].url = {url!r} is listed twice; give it one entry "
+                    "with the summed weight"
+                )

@@ -202,10 +202,25 @@ def cmyk_to_rgb(ink: np.ndarray) -> np.ndarray:
     return (key - (((product >> 8) + product) >> 8)).astype(np.uint8)
 
 
+_SIXTEEN_BIT_MODES: Final = frozenset({"I;16", "I;16B", "I;16L", "I"})
+
+
+def _sixteen_bit_to_rgb(levels: np.ndarray) -> np.ndarray:
+    """A 16-bit greyscale image as RGB ``uint8``: the high byte of each level (v >> 8), as
+    Pillow and libpng reduce 16-bit RGB. Pillow's ``convert("RGB")`` clips these at 255
+    instead, which turns most of a 16-bit image white."""
+    high = (np.clip(levels.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+    return np.repeat(high[..., None], 3, axis=2)
+
+
 def decode_image(
     data: bytes | memoryview, *, min_size: tuple[int, int] | None = None
 ) -> np.ndarray:
     """Decode to an RGB ``uint8`` array of shape (H, W, 3).
+
+    Alpha is dropped (the colour channels as stored, not composited on a background: what
+    Pillow's ``convert("RGB")`` does); 16-bit levels keep their high byte; greyscale and
+    palette images are expanded to three equal channels.
 
     ``min_size=(height, width)`` lets libjpeg-turbo decode a JPEG at a reduced DCT scale
     (1/2, 1/4, 1/8) that still covers that size: far fewer pixels to produce.
@@ -232,6 +247,8 @@ def decode_image(
         with Image.open(io.BytesIO(bytes(data))) as image:
             check_pixels(image.height, image.width)
             image.load()
+            if image.mode in _SIXTEEN_BIT_MODES:
+                return _sixteen_bit_to_rgb(np.asarray(image))
             return np.asarray(image.convert("RGB"))
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError,
             Image.DecompressionBombError) as error:  # fmt: skip

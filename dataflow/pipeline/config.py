@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -90,8 +91,25 @@ class DataConfig:
     """Random-resized-crop aspect-ratio range."""
     flip: bool = True
     """Random horizontal flip."""
-    augment: bool = True
-    """False: evaluation transform (resize + central crop, no flip)."""
+    image_pipeline: Literal["train", "eval", "decode", "none"] = "train"
+    """The image field: "train" random-resized crop + flip decoded straight into the batch
+    (the fast path), "eval" centre crop, "decode" full H×W×3 uint8 image, "none" the
+    encoded bytes (dataflow.pipeline.fields)."""
+    augment: bool | None = None
+    """Deprecated: use image_pipeline ("train" for true, "eval" for false)."""
+    sample_transform: str = ""
+    """``package.module:function`` called as fn(sample, rng) -> sample on every sample;
+    empty: none (dataflow.pipeline.transform)."""
+    batch_transform: str = ""
+    """``package.module:function`` called as fn(batch) -> batch after collation; empty: none."""
+    collate: str = ""
+    """``package.module:function`` turning a list of sample dicts into a batch; empty: the
+    default (dataflow.pipeline.collate; "dataflow.pipeline.collate:pad_collate" pads)."""
+    transform_pool: Literal["thread", "process"] = "thread"
+    """Where the sample transform runs: the decode threads (numpy, OpenCV: code that
+    releases the GIL) or worker processes (pure-Python code); both give the same batches."""
+    transform_workers: int = 2
+    """With transform_pool = "process": worker processes."""
     on_bad_sample: Literal["raise", "skip"] = "raise"
     """Corrupt sample or shard: stop naming shard, key and offset, or skip, count and record."""
     max_skip_fraction: float = 0.01
@@ -118,12 +136,20 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 0, got {value}")
             setattr(self, name, value)
         for name in ("global_batch", "shuffle_window", "fetch_workers", "decode_workers",
-                     "prefetch_batches", "image_size"):  # fmt: skip
+                     "prefetch_batches", "image_size", "transform_workers"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_skip_fraction", "hw_decoder_load"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        for name in ("sample_transform", "batch_transform", "collate"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(
+                    f"{name} must be a 'package.module:function' string; pass a function "
+                    f"itself as Loader({name}=...)"
+                )
+        if self.augment is not None:
+            self._apply_deprecated_augment()
         if self.decode_device == "gpu" and self.decode_backend != "dali":
             raise ValueError("decode_device = 'gpu' needs decode_backend = 'dali'")
         if not 0 <= self.thread_nice <= 19:
@@ -150,3 +176,20 @@ class DataConfig:
                     f"data.mix[{number}].url = {url!r} is listed twice; give it one entry "
                     "with the summed weight"
                 )
+
+    def _apply_deprecated_augment(self) -> None:
+        """``augment`` → ``image_pipeline`` (one knob for one thing), with a warning."""
+        wanted: Literal["train", "eval"] = "train" if self.augment else "eval"
+        warnings.warn(
+            f"data.augment is deprecated; use data.image_pipeline = {wanted!r}",
+            DeprecationWarning,
+            stacklevel=4,
+        )
+        if self.image_pipeline == "train":
+            self.image_pipeline = wanted
+        elif self.image_pipeline != wanted:
+            raise ValueError(
+                f"data.augment = {str(self.augment).lower()} contradicts data.image_pipeline "
+                f"= {self.image_pipeline!r}; drop data.augment (deprecated)"
+            )
+        self.augment = None

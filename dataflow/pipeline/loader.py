@@ -1,14 +1,19 @@
-"""``Loader``: the composed pipeline — order → read-ahead → decode → batch → (device).
+"""``Loader``: the composed pipeline — order → read-ahead → decode → transform → batch → device.
 
 Threads and queues (each bounded by a config knob):
 
     producer ─ plans step s (dataflow.order), schedules shard fetches ahead
        │           fetch pool (fetch_workers): ShardFetcher.fetch → ShardView, via the cache
-       ▼
+       ▼           (dataflow.pipeline.readahead)
     decode pool (decode_workers) ─ decodes the samples of step s into one preallocated
-       │                           uint8 batch array, chunk by chunk
-       ▼
-    batch queue (prefetch_batches) ─▶ consumer (__next__): waits, assembles, audits
+       │                           uint8 batch array, chunk by chunk; with a sample transform
+       │                           each chunk then goes through the transform runner
+       ▼                           (dataflow.pipeline.decoding, .fields, .transform)
+    batch queue (prefetch_batches) ─▶ consumer (__next__): waits, collates, audits
+                                      (dataflow.pipeline.collate, .audit)
+
+Each stage is its own module and gets a context object, not the Loader; the Loader builds
+them, owns the threads of a pass (``_Run``) and the state.
 
 Shards are needed in the order of the epoch's shard permutation, block by block; the
 producer keeps the shards of the blocks that the current global batch touches plus
@@ -17,7 +22,8 @@ its block. Memory is therefore bounded by (shuffle_window + readahead_shards) sh
 ``prefetch_batches`` batches, whatever the dataset size.
 
 Exactness: batches are positions of the global order (pure in seed and epoch), the crop of
-a sample is seeded by (seed, epoch, sample id), and the state is (epoch, steps delivered),
+a sample and the generator its transform gets are seeded by (seed, epoch, sample id), and the
+state is (epoch, steps delivered),
 so a resumed loader — at any world size with the same global batch — yields exactly what an
 uninterrupted one would have.
 
@@ -61,20 +67,29 @@ import xxhash
 
 from dataflow import storage
 from dataflow.decode.dali import DaliImageDecoder
-from dataflow.decode.image import (
-    ImageAugment,
-    sample_draws,
-)
+from dataflow.decode.image import ImageAugment, sample_draws
 from dataflow.errors import DataError, TooManySkipsError
 from dataflow.index import INDEX_FILE, DatasetIndex
 from dataflow.metrics import PipelineMetrics
 from dataflow.order import EpochOrder, num_batches, rank_batch, samples_due
+from dataflow.pipeline.audit import AuditLog
 from dataflow.pipeline.autotune import Gate, ReadAheadTuner, Setting, Totals
 from dataflow.pipeline.buffers import BufferPool
+from dataflow.pipeline.collate import assemble
 from dataflow.pipeline.config import DataConfig
-from dataflow.pipeline.decoding import BatchDecoder, Job
+from dataflow.pipeline.decoding import BatchDecoder, DecodeContext, Job
 from dataflow.pipeline.device import prefetch_to_device
+from dataflow.pipeline.fields import FieldDecoders
+from dataflow.pipeline.readahead import ReadAhead
 from dataflow.pipeline.shards import ShardFetcher, ShardView
+from dataflow.pipeline.transform import (
+    BatchTransform,
+    Collate,
+    SampleTransform,
+    TransformRunner,
+    load_callable,
+    make_transform_runner,
+)
 from dataflow.storage import StorageConfig
 from dataflow.storage.cache import ShardCache
 
@@ -99,7 +114,10 @@ class Loader:
     """Iterate batches of a converted dataset; see the module docstring.
 
     Batches are dicts: ``image`` (uint8 tensor, N×H×W×3), ``label`` (int64, N), ``__key__``
-    (list of keys), ``__valid__`` (bool, N: False for padding), plus any other fields.
+    (list of keys), ``__valid__`` (bool, N: False for padding), plus any other fields —
+    or what ``collate`` and ``batch_transform`` make of the samples ``sample_transform``
+    returns. The three callables may instead be named in ``config`` ("module:function");
+    given here, they take precedence. ``close()`` stops the threads and the transform pool.
     """
 
     STATE_EPOCH: Final = "epoch"
@@ -114,6 +132,9 @@ class Loader:
         config: DataConfig,
         storage_config: StorageConfig | None = None,
         *,
+        sample_transform: SampleTransform | None = None,
+        batch_transform: BatchTransform | None = None,
+        collate: Collate | None = None,
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
@@ -159,8 +180,24 @@ class Loader:
             scale=(config.crop_scale[0], config.crop_scale[1]),
             ratio=(config.crop_ratio[0], config.crop_ratio[1]),
             flip=config.flip,
-            train=config.augment,
+            train=config.image_pipeline == "train",
         )
+        self.field_decoders = FieldDecoders([(f.name, f.kind) for f in self.index.fields])
+        # A callable given here wins over the config's path; a bad path fails now, naming
+        # its key, not at the first batch.
+        self._sample_transform: SampleTransform | str | None = sample_transform or (
+            config.sample_transform or None
+        )
+        if config.sample_transform and sample_transform is None:
+            load_callable(config.sample_transform, setting="data.sample_transform")
+        self.batch_transform: BatchTransform | None = batch_transform or (
+            load_callable(config.batch_transform, setting="data.batch_transform")
+            if config.batch_transform else None
+        )  # fmt: skip
+        self.collate: Collate | None = collate or (
+            load_callable(config.collate, setting="data.collate") if config.collate else None
+        )
+        self._runner: TransformRunner | None = None  # started on first use, closed by close()
         self.dataset_id = xxhash.xxh64(
             "".join(s.checksum for s in self.index.shards).encode()
         ).hexdigest()
@@ -172,6 +209,11 @@ class Loader:
         self.metrics_ = PipelineMetrics()
         self._fetch_stage = self.metrics_.stage("fetch", config.fetch_workers)
         self._decode_stage = self.metrics_.stage("decode", config.decode_workers)
+        self._transform_stage = (
+            self.metrics_.stage("transform", config.decode_workers
+                                if config.transform_pool == "thread" else config.transform_workers)
+            if self._sample_transform is not None else None
+        )  # fmt: skip
         self._queue: queue.Queue[Any] | None = None
         self._batch_stage = self.metrics_.stage(
             "batch", 1, lambda: self._queue.qsize() if self._queue is not None else 0
@@ -182,9 +224,10 @@ class Loader:
             self.root, self.index, self.storage_config, cache=cache,
             metrics=self._fetch_stage, skip_bad=config.on_bad_sample == "skip",
         )  # fmt: skip
-        self._audit_path = (
-            os.path.join(config.out_dir, "audit", f"rank-{self.rank}.tsv") if config.audit else ""
-        )
+        self._audit = (
+            AuditLog(os.path.join(config.out_dir, "audit", f"rank-{self.rank}.tsv"))
+            if config.audit else None
+        )  # fmt: skip
         # What the producer and the fetch pool use; autotune raises them while running.
         self.readahead = config.readahead_shards
         self._fetch_gate = Gate(config.fetch_workers)
@@ -213,6 +256,7 @@ class Loader:
                 )
         self.dali: DaliImageDecoder | None = None
         if config.decode_backend == "dali" and self.image_fields:
+            self._check_dali_can_run()
             device_id = self.device.index if self.device is not None else None
             self.dali = DaliImageDecoder(
                 max_batch=self.per_rank_batch, size=config.image_size,
@@ -228,6 +272,12 @@ class Loader:
 
     def __len__(self) -> int:
         return num_batches(self.index.num_samples, self.config.global_batch, self.config.drop_last)
+
+    @property
+    def transform_runner(self) -> TransformRunner | None:
+        """The sample transform's runner: started by the first pass, kept across epochs,
+        closed by close() (None before and after)."""
+        return self._runner
 
     @property
     def per_rank_batch(self) -> int:
@@ -269,13 +319,13 @@ class Loader:
                     f"cannot resume: the saved {key} is {state[key]!r}, this loader's is "
                     f"{mine!r} (an exact resume needs the same dataset, seed and global batch)"
                 )
-        self.close()
+        self._stop_passes()
         self.epoch = int(state[self.STATE_EPOCH])
         self.step = int(state[self.STATE_STEP])
         self.skipped = [(int(e), str(k), str(r)) for e, k, r in state.get(self.STATE_SKIPPED, [])]
         self._skip_keys = {(e, k) for e, k, _ in self.skipped}
-        if self._audit_path:
-            self._truncate_audit()
+        if self._audit is not None:
+            self._audit.truncate(self.epoch, self.step)
 
     def metrics(self) -> dict[str, Any]:
         self.metrics_.refetched = self._fetcher.refetched
@@ -289,7 +339,7 @@ class Loader:
             self.epoch, self.step = self.epoch + 1, 0
         with self._next_lock:
             ahead, self._next = self._next, None
-        self.close()
+        self._stop_passes()
         if ahead is not None and (ahead.epoch, ahead.start_step) == (self.epoch, self.step):
             run = ahead
         else:
@@ -309,7 +359,21 @@ class Loader:
                 self._active = None
 
     def close(self) -> None:
-        """Stop background threads (iteration restarts from the saved position)."""
+        """Stop background threads and the transform pool (iteration restarts from the saved
+        position, with a new pool)."""
+        self._stop_passes()
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            runner.close()
+
+    def __del__(self) -> None:
+        # Worker processes of a transform pool must not outlive a loader nobody closed.
+        runner = getattr(self, "_runner", None)
+        if runner is not None:
+            runner.close()
+
+    def _stop_passes(self) -> None:
+        """Stop the pass in progress and the one started ahead (the runner stays up)."""
         if self._active is not None:
             self._active.close()  # joins its producer: no next pass can start after this
             self._active = None
@@ -356,25 +420,46 @@ class Loader:
                 log.debug("could not lower the priority of a loader thread: %s", error)
 
     # -----------------------------------------------------------------------------------------
-    # Audit
+    # Stages
 
-    def _write_audit(self, epoch: int, step: int, keys: list[str]) -> None:
-        os.makedirs(os.path.dirname(self._audit_path), exist_ok=True)
-        with open(self._audit_path, "a", encoding="utf-8") as handle:
-            handle.writelines(f"{epoch}\t{step}\t{key}\n" for key in keys)
+    def _check_dali_can_run(self) -> None:
+        """DALI decodes the train/eval crops; a transform runs on its output on the CPU."""
+        config = self.config
+        if config.image_pipeline not in ("train", "eval"):
+            raise DataError(
+                f"data.decode_backend = 'dali' crops images (image_pipeline 'train' or "
+                f"'eval'); data.image_pipeline = {config.image_pipeline!r} needs "
+                "data.decode_backend = 'cpu'"
+            )
+        if config.decode_device == "gpu" and (self._sample_transform or self.collate):
+            raise DataError(
+                "a sample_transform or collate runs on the CPU, but data.decode_device = "
+                "'gpu' leaves DALI's images on the GPU; use decode_device = 'cpu', or a "
+                "batch_transform (it gets the batch on the GPU)"
+            )
 
-    def _truncate_audit(self) -> None:
-        """Forget audit lines past the resumed position: they will be delivered again."""
-        if not os.path.exists(self._audit_path):
-            return
-        kept = []
-        with open(self._audit_path, encoding="utf-8") as handle:
-            for line in handle:
-                epoch, step, _ = line.split("\t", 2)
-                if (int(epoch), int(step)) < (self.epoch, self.step):
-                    kept.append(line)
-        with open(self._audit_path, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
+    def _transform_runner(self) -> TransformRunner | None:
+        """The sample transform's runner, started on first use and kept until close()."""
+        if self._sample_transform is not None and self._runner is None:
+            self._runner = make_transform_runner(
+                self._sample_transform, pool=self.config.transform_pool,
+                workers=self.config.transform_workers, setting="data.sample_transform",
+            )  # fmt: skip
+        return self._runner
+
+    def _decode_context(self, epoch: int) -> DecodeContext:
+        """What the decode and transform stages of a pass over ``epoch`` need."""
+        runner = self._transform_runner()
+        return DecodeContext(
+            format=self.index.format, fields=tuple(self.index.fields),
+            image_fields=tuple(self.image_fields), label_field=self.label_field,
+            image_pipeline=self.config.image_pipeline, augment=self.augment,
+            decoders=self.field_decoders, on_bad_sample=self.config.on_bad_sample,
+            skip_keys=frozenset(k for k in self._skip_keys if k[0] == epoch),
+            stage=self._decode_stage, seed=self.config.seed, runner=runner,
+            transform_stage=self._transform_stage,
+            samples_out=runner is not None or self.collate is not None, dali=self.dali,
+        )  # fmt: skip
 
 
 class _Run:
@@ -396,7 +481,8 @@ class _Run:
         self.allowed_skips = math.ceil(config.max_skip_fraction * self.due)
         self.skipped = sum(1 for e, _, _ in loader.skipped if e == epoch)  # resumed: saved ones
         self.stop = threading.Event()
-        self.decoder = BatchDecoder(loader, epoch, self.stop)
+        self.context = loader._decode_context(epoch)
+        self.decoder = BatchDecoder(self.context, epoch, self.stop)
         tuner = loader.autotuner
         self.fetch_pool = concurrent.futures.ThreadPoolExecutor(
             tuner.max_fetch_workers if tuner else config.fetch_workers,
@@ -408,8 +494,10 @@ class _Run:
             initializer=loader._lower_priority,
         )  # fmt: skip
         self.queue: queue.Queue[Any] = queue.Queue(maxsize=config.prefetch_batches)
-        self.views: dict[int, concurrent.futures.Future[ShardView]] = {}
-        self.scheduled_until = 0  # index into order.need_order
+        self.readahead = ReadAhead(
+            self.order, global_batch=config.global_batch, readahead=lambda: loader.readahead,
+            fetch=loader._fetch, pool=self.fetch_pool,
+        )  # fmt: skip
         self.producer = threading.Thread(
             target=self._produce, name="shardflow-producer", daemon=True
         )
@@ -417,28 +505,6 @@ class _Run:
         self.pending_audit: tuple[int, list[str]] | None = None
 
     # Producer side -----------------------------------------------------------------------
-
-    def _view(self, shard: int) -> concurrent.futures.Future[ShardView]:
-        future = self.views.get(shard)
-        if future is None:
-            future = self.fetch_pool.submit(self.loader._fetch, shard)
-            self.views[shard] = future
-        return future
-
-    def _schedule(self, step: int) -> None:
-        """Fetch the shards this global batch touches plus readahead_shards beyond them."""
-        global_batch = self.loader.config.global_batch
-        order = self.order
-        last_position = min(order.total - 1, (step + 1) * global_batch - 1)
-        target = min(len(order.need_order),
-                     order.needed_count(last_position) + self.loader.readahead)  # fmt: skip
-        while self.scheduled_until < target:
-            self._view(int(order.need_order[self.scheduled_until]))
-            self.scheduled_until += 1
-        # Drop shards that no position from here on reads.
-        first_position = min(order.total - 1, step * global_batch)
-        for shard in [s for s in self.views if order.last_position[s] < first_position]:
-            del self.views[shard]
 
     def _produce(self) -> None:
         self.loader._lower_priority()
@@ -453,16 +519,17 @@ class _Run:
                     self.order, step, global_batch=config.global_batch, rank=loader.rank,
                     world_size=loader.world_size,
                 )  # fmt: skip
-                self._schedule(step)
+                self.readahead.schedule(step)
                 shards, rows = self.order.shard_of(plan.samples)
                 count = len(plan.samples)
                 job = Job(
                     step=step, samples=plan.samples, valid=plan.valid, shards=shards, rows=rows,
-                    views={int(s): self._view(int(s)) for s in np.unique(shards)},
-                    images=self._image_buffer(count) if loader.image_fields else None,
+                    views={int(s): self.readahead.view(int(s)) for s in np.unique(shards)},
+                    images=self._image_buffer(count) if self.context.crops else None,
                     draws=sample_draws(config.seed, self.epoch, plan.samples),
                     labels=np.full(count, -1, np.int64), ok=np.ones(count, bool),
                     extras=[{} for _ in range(count)], keys=[""] * count, chunks=[],
+                    outputs=[None] * count if self.context.samples_out else None,
                 )  # fmt: skip
                 if loader.dali is not None:  # DALI threads itself: one task per batch
                     job.chunks = [self.decode_pool.submit(self.decoder.decode_with_dali, job)]
@@ -517,7 +584,8 @@ class _Run:
                 chunk.result()
             stall = time.perf_counter() - waited
             with loader._batch_stage.busy(items=1):
-                batch = self._assemble(job)
+                batch = assemble(job, label_field=loader.label_field, collate=loader.collate,
+                                 batch_transform=loader.batch_transform)  # fmt: skip
             loader.metrics_.consumed(samples=len(batch["__key__"]), stall_s=stall)
             for skip in job.skips:
                 loader.skipped.append(skip)
@@ -546,39 +614,10 @@ class _Run:
             hint="check the dataset with tools/verify.py, or raise data.max_skip_fraction",
         )  # fmt: skip
 
-    def _assemble(self, job: Job) -> Batch:
-        keep = np.flatnonzero(job.ok)
-        everything = len(keep) == len(job.ok)
-        batch: Batch = {}
-        if job.device_images is not None:  # pragma: no cover - DALI on a GPU
-            decoded, slots = job.device_images
-            rows = {slot: n for n, slot in enumerate(slots)}
-            order = [rows[int(i)] for i in keep if int(i) in rows]
-            if len(order) < len(keep):
-                raise DataError("DALI GPU batches cannot mix JPEGs with other image formats")
-            batch["image"] = decoded if order == list(range(len(slots))) else decoded[order]
-        elif job.images is not None:
-            images = job.images if everything else job.images[keep]
-            batch["image"] = torch.from_numpy(images)
-        if self.loader.label_field:
-            batch["label"] = torch.from_numpy(job.labels if everything else job.labels[keep])
-        batch["__key__"] = [job.keys[i] for i in keep]
-        batch["__valid__"] = torch.from_numpy(job.valid[keep])
-        extra_names = {name for i in keep for name in job.extras[i]}
-        for name in sorted(extra_names):
-            values = [job.extras[i].get(name) for i in keep]
-            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-                batch[name] = torch.tensor(values, dtype=torch.int64)
-            elif all(isinstance(v, float) for v in values):
-                batch[name] = torch.tensor(values, dtype=torch.float64)
-            else:
-                batch[name] = values
-        return batch
-
     def _flush_audit(self) -> None:
         """The previous batch's step is complete once the next one is asked for."""
-        if self.pending_audit is not None and self.loader._audit_path:
-            self.loader._write_audit(self.epoch, *self.pending_audit)
+        if self.pending_audit is not None and self.loader._audit is not None:
+            self.loader._audit.write(self.epoch, *self.pending_audit)
         self.pending_audit = None
 
     def close(self) -> None:
@@ -594,4 +633,4 @@ class _Run:
         self.producer.join(timeout=10)
         self.decode_pool.shutdown(wait=True, cancel_futures=True)
         self.fetch_pool.shutdown(wait=True, cancel_futures=True)
-        self.views.clear()
+        self.readahead.clear()

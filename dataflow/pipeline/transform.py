@@ -31,6 +31,8 @@ from typing import Any, Final, Protocol
 import numpy as np
 import torch
 
+from dataflow.config import ConfigError
+
 SampleTransform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
 BatchTransform = Callable[[dict[str, Any]], dict[str, Any]]
 Collate = Callable[[list[dict[str, Any]]], dict[str, Any]]
@@ -64,14 +66,14 @@ def load_callable(spec: str, *, setting: str) -> Callable[..., Any]:
     for attributes of attributes). ``setting`` names the config key in errors."""
     module_name, colon, attribute = spec.partition(":")
     if not colon or not module_name or not attribute:
-        raise ValueError(
+        raise ConfigError(
             f"{setting} = {spec!r}: expected 'package.module:function' (a module path, a "
             "colon, and the function's name in that module)"
         )
     try:
         target: Any = importlib.import_module(module_name)
     except ImportError as error:
-        raise ValueError(
+        raise ConfigError(
             f"{setting} = {spec!r}: cannot import module {module_name!r} ({error}); is its "
             "package installed, or its folder on PYTHONPATH?"
         ) from error
@@ -79,11 +81,11 @@ def load_callable(spec: str, *, setting: str) -> Callable[..., Any]:
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise ValueError(
+            raise ConfigError(
                 f"{setting} = {spec!r}: module {module_name!r} has no attribute {attribute!r}"
             ) from None
     if not callable(target):
-        raise ValueError(f"{setting} = {spec!r} names a {type(target).__name__}, not a function")
+        raise ConfigError(f"{setting} = {spec!r} names a {type(target).__name__}, not a function")
     return target
 
 
@@ -173,3 +175,26 @@ class ThreadTransformRunner:
 
     def close(self) -> None:
         pass
+
+
+def make_transform_runner(
+    transform: SampleTransform | str,
+    *,
+    pool: str,
+    workers: int,
+    setting: str = "data.sample_transform",
+) -> TransformRunner:
+    """The runner for ``data.transform_pool``: "thread" runs in the decode threads,
+    "process" in ``workers`` processes (imported only then). ``transform`` is the callable or
+    its "module:function" path; a process pool gets the path as given, so its workers import
+    the function themselves."""
+    if pool == "thread":
+        function = (
+            load_callable(transform, setting=setting) if isinstance(transform, str) else (transform)
+        )
+        return ThreadTransformRunner(function)
+    if pool == "process":
+        from dataflow.pipeline.transform_pool import ProcessTransformRunner
+
+        return ProcessTransformRunner(transform, workers=workers)
+    raise ConfigError(f"data.transform_pool = {pool!r}: choose 'thread' or 'process'")

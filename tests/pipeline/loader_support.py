@@ -48,7 +48,10 @@ def make(url: str, *, rank: int = 0, world_size: int = 1, **options: Any) -> Loa
     options.setdefault("image_size", SIZE)
     options.setdefault("global_batch", 64)
     options.setdefault("shuffle_window", 3)
-    return Loader(DataConfig(url=url, **options), rank=rank, world_size=world_size)
+    # Functions go to the Loader; "module:function" paths stay in the config.
+    given = {name: options.pop(name) for name in ("sample_transform", "batch_transform", "collate")
+             if callable(options.get(name))}  # fmt: skip
+    return Loader(DataConfig(url=url, **options), rank=rank, world_size=world_size, **given)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -254,16 +254,16 @@ def test_batches_have_the_documented_types_and_labels(digits: str) -> None:
 
 
 def test_eval_transform_does_not_depend_on_the_seed(photos: str) -> None:
-    def images(seed: int, augment: bool) -> dict[str, torch.Tensor]:
-        loader = make(photos, global_batch=12, seed=seed, augment=augment, shuffle=False)
+    def images(seed: int, pipeline: str) -> dict[str, torch.Tensor]:
+        loader = make(photos, global_batch=12, seed=seed, image_pipeline=pipeline, shuffle=False)
         return {k: img for b in one_epoch(loader) for k, img in zip(b.keys, b.images, strict=True)}
 
-    first, second = images(0, augment=False), images(1, augment=False)
+    first, second = images(0, "eval"), images(1, "eval")
     assert first.keys() == second.keys() and len(first) == 60
     assert all(torch.equal(first[k], second[k]) for k in first)
-    trained = images(0, augment=True)
+    trained = images(0, "train")
     assert sum(not torch.equal(trained[k], first[k]) for k in first) > 50
-    repeated = images(0, augment=True)  # training crops: random, yet reproducible
+    repeated = images(0, "train")  # training crops: random, yet reproducible
     assert all(torch.equal(trained[k], repeated[k]) for k in trained)
 
 

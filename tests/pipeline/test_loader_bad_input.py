@@ -124,7 +124,7 @@ def test_a_damaged_shard_still_delivers_its_good_samples(
     damaged_photos: tuple[str, str, str], photos: str
 ) -> None:
     url, damaged_key, _ = damaged_photos
-    loader = make(url, global_batch=10, on_bad_sample="skip", augment=False)
+    loader = make(url, global_batch=10, on_bad_sample="skip", image_pipeline="eval")
     batches = one_epoch(loader)
     keys = [k for b in batches for k in b.keys]
     assert sorted([*keys, damaged_key]) == sorted(all_keys(url))
@@ -138,7 +138,7 @@ def test_a_damaged_shard_still_delivers_its_good_samples(
     # randomness) gives the same pixels as the undamaged dataset does.
     intact = {
         k: image
-        for b in one_epoch(make(photos, global_batch=12, augment=False))
+        for b in one_epoch(make(photos, global_batch=12, image_pipeline="eval"))
         for k, image in zip(b.keys, b.images, strict=True)
     }
     for batch in batches:

@@ -20,7 +20,7 @@ Algorithm
 
 What may be written where (not over the input, not over files no conversion wrote, one
 process per node slice) is guarded by dataflow.convert.output. Pool workers die with the
-process that started them, kill -9 included (see _die_with_parent).
+process that started them, kill -9 included (see dataflow.processes.die_with_parent).
 
 The output is byte-identical whatever the worker count, node count or interruptions.
 Measured cost: see tools/bench_convert.py (images/s against webdataset.ShardWriter).
@@ -29,15 +29,10 @@ Measured cost: see tools/bench_convert.py (images/s against webdataset.ShardWrit
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import ctypes
 import json
 import logging
 import multiprocessing
 import os
-import select
-import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -72,6 +67,7 @@ from dataflow.index import (
     checksum,
     table_path,
 )
+from dataflow.processes import die_with_parent
 from dataflow.storage import StorageConfig
 
 log = logging.getLogger(__name__)
@@ -140,49 +136,10 @@ def _init_worker(
     _WORKER.update(source=source, config=config, counter=counter)
 
 
-_PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def _die_with_parent(main_pid: int) -> None:
-    """Make this pool worker exit when the conversion's main process dies (kill -9 too).
-
-    A pool worker blocks reading its task queue, and its siblings hold that pipe's write end
-    open too, so a killed main process would leave every worker waiting forever, with all it
-    holds (177 MB each in the case reported). A forked worker is the main
-    process's child: Linux sends it SIGKILL when its parent dies (PR_SET_PDEATHSIG). A
-    forkserver's worker is the server's child, and the server waits for its workers to exit
-    (they hold its "alive" pipe), so the workers must watch the main process themselves: a
-    thread waits on a pidfd of it (immune to pid reuse), or polls its pid every second where
-    pidfds are missing.
-    """
-    if sys.platform.startswith("linux") and os.getppid() == main_pid:
-        with contextlib.suppress(OSError, AttributeError):
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    try:
-        watched: int | None = os.pidfd_open(main_pid)
-    except ProcessLookupError:
-        os._exit(1)  # died before we could watch it
-    except (AttributeError, OSError):
-        watched = None
-
-    def watch() -> None:
-        if watched is not None:
-            select.select([watched], [], [])  # readable once the process has exited
-        else:
-            with contextlib.suppress(PermissionError):
-                while True:
-                    os.kill(main_pid, 0)
-                    time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, name="main-process-watchdog", daemon=True).start()
-
-
 def _init_pool_worker(
     source: Source, config: ConvertConfig, counter: Any, environment: dict[str, str], main_pid: int
 ) -> None:
-    _die_with_parent(main_pid)
+    die_with_parent(main_pid)
     _init_worker(source, config, counter, environment)
 
 

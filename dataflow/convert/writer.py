@@ -55,7 +55,6 @@ from dataflow.config import ByteSize
 from dataflow.convert.config import ConvertConfig
 from dataflow.convert.job import (
     ConvertReport,
-    _die_with_parent,
     _Progress,
     convert,
     pool_context,
@@ -66,6 +65,7 @@ from dataflow.convert.sources import Item, Source, tar_bytes
 from dataflow.errors import SourceError
 from dataflow.formats import codec
 from dataflow.index import INDEX_FILE, Field
+from dataflow.processes import die_with_parent
 from dataflow.storage import StorageConfig
 
 # ---------------------------------------------------------------------------------------------
@@ -362,7 +362,7 @@ def _init_spool_worker(
     fn: Callable[[Any], Any], directory: str, options: _Options, main_pid: int | None
 ) -> None:
     if main_pid is not None:
-        _die_with_parent(main_pid)
+        die_with_parent(main_pid)
     _SPOOL_WORKER.update(fn=fn, directory=directory, options=options)
 
 

@@ -1,0 +1,644 @@
+"""Sample transforms in worker processes, arrays both ways through shared memory.
+
+``ProcessTransformRunner`` is the ``data.transform_pool = "process"`` runner of
+dataflow.pipeline.transform: for pure-Python transforms, which hold the GIL and so do not scale
+over the loader's decode threads.
+
+Algorithm
+    ``workers`` persistent processes, started at construction from a forkserver (a clean
+    interpreter: the loader's process runs threads, and a fork could inherit a lock one of
+    them held). Each imports the transform by reference — ``"module:function"`` through
+    ``load_callable``, or a callable pickled by reference — and owns two shared-memory
+    segments of ``shm_bytes`` (created and unlinked by this process): one in, one out.
+    A caller (one of the loader's decode threads) takes an idle worker from a queue, writes
+    its chunk's arrays and tensors (and bytes of 4 KiB or more) into the worker's input
+    segment at 64-byte aligned offsets, and sends over a pipe only small metadata: per
+    value its dtype, shape and offset, smaller values inline. The worker builds views on
+    the segment, runs ``transform(sample, sample_rng(*seed))`` per sample, checks the output
+    (``check_output``), and writes the outputs' arrays into its output segment, again
+    sending metadata; the caller copies the arrays out (the segments are then free for the
+    next chunk) and puts the worker back in the queue. A chunk whose inputs do not fit the
+    segment is sent in parts; outputs that do not fit come back in parts, each acknowledged
+    once copied. Only a sample whose own arrays exceed ``shm_bytes`` has them pickled through
+    the pipe: counted in ``pickled_samples``, with one warning naming the knob.
+
+What comes back
+    The same values as ``ThreadTransformRunner`` gives: numpy arrays of the same dtype,
+    shape and bytes, always C-contiguous, writeable copies (a transform that returns a
+    strided view or its input gets a compact copy); torch tensors as CPU
+    tensors of the same dtype, shape and bytes, contiguous, detached from autograd (they
+    travel as raw bytes, so bfloat16 and other dtypes numpy lacks come back too); numbers,
+    str, bytes, None and nested lists, tuples and dicts as pickle copies of themselves. A
+    failure is a ``TransformFailure`` with the worker's traceback; a wrong output type raises
+    ``TransformOutputError`` in the caller, as in the thread runner. The worker sees its
+    inputs as C-contiguous views of the segment, writeable where the caller's were.
+
+Failure and cleanup
+    A caller waits on the worker's pipe and its process sentinel together, so a worker that
+    dies (killed, a segfault in an extension) raises ``TransformWorkerError`` naming the
+    transform, the pid and the exit code instead of hanging; the worker is replaced by a
+    fresh one for later chunks. Workers ignore SIGINT (the loader's process decides), and
+    die with the process that started them, kill -9 included (dataflow.processes
+    ``die_with_parent``); their segments are then unlinked by multiprocessing's resource
+    tracker, which outlives them. ``close()`` stops the workers and unlinks every segment.
+
+Measured cost (2 cores, tools/bench_transform.py): ~40 µs per 224×224×3 uint8 sample on
+top of the transform (copy in, copy out, two pipe messages per chunk); a worker starts in
+~0.3 s once the forkserver runs (~1.5 s the first time: it imports numpy and torch). The
+segments are sparse: /dev/shm holds only the pages written, at most 2 × shm_bytes per worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import pickle
+import queue
+import secrets
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from dataflow.pipeline.transform import (
+    SampleSeed,
+    SampleTransform,
+    TransformFailure,
+    TransformOutputError,
+    callable_name,
+    check_output,
+    load_callable,
+    sample_rng,
+)
+from dataflow.processes import die_with_parent
+
+log = logging.getLogger(__name__)
+
+ALIGNMENT: Final = 64
+"""Offsets of values in a segment (a cache line: no dtype needs more)."""
+SHARED_BYTES_MIN: Final = 4096
+"""bytes, bytearray and memoryview values from this size travel through the segment."""
+SETTING: Final = "data.sample_transform"
+SHM_PREFIX: Final = "shardflow-transform-"
+"""Segment names start with this (``/dev/shm/shardflow-transform-<pid>-…`` on Linux)."""
+
+
+class TransformWorkerError(RuntimeError):
+    """A transform worker process died or could not load the transform."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Values in a segment: what crosses the pipe instead of them
+
+
+# An ``inline`` copy of the bytes replaces the offset when the segment is too small for the
+# value's sample (see ``_pack_samples``): raw bytes, not numpy's pickle, which loses the byte
+# order of a strided big-endian array and keeps a Fortran array's order.
+
+
+@dataclass(frozen=True, slots=True)
+class _SharedArray:
+    offset: int
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+    writeable: bool
+    inline: bytearray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _SharedTensor:
+    offset: int
+    nbytes: int
+    dtype: str  # torch dtype name, e.g. "bfloat16"
+    shape: tuple[int, ...]
+    inline: bytearray | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _SharedBytes:
+    offset: int
+    nbytes: int
+    kind: type  # bytes, bytearray or memoryview
+    inline: bytearray | None = None
+
+
+def _buffer(segment: SharedMemory) -> memoryview:
+    buffer = segment.buf
+    assert buffer is not None, "a closed segment"
+    return buffer
+
+
+class _SegmentFull(Exception):
+    """The value does not fit what is left of the segment."""
+
+
+class _Packer:
+    """Writes values into a segment from its start; ``pack`` returns what replaces them."""
+
+    def __init__(self, segment: SharedMemory) -> None:
+        self.buffer = _buffer(segment)
+        self.capacity = segment.size
+        self.used = 0
+        self.inline = False
+        """True: the bytes of arrays travel in the metadata (pickled through the pipe)."""
+
+    def _reserve(self, nbytes: int) -> int:
+        offset = -(-self.used // ALIGNMENT) * ALIGNMENT
+        if offset + nbytes > self.capacity:
+            raise _SegmentFull
+        self.used = offset + nbytes
+        return offset
+
+    def _place(self, flat: Any) -> tuple[int, bytearray | None]:
+        """(offset, None) of a flat byte buffer written into the segment, or (0, a copy)."""
+        if self.inline:
+            return 0, bytearray(flat)
+        offset = self._reserve(len(flat))
+        self.buffer[offset : offset + len(flat)] = flat
+        return offset, None
+
+    def pack(self, value: Any) -> Any:
+        kind = type(value)
+        if kind is dict:
+            return {name: self.pack(item) for name, item in value.items()}
+        if kind is list:
+            return [self.pack(item) for item in value]
+        if kind is tuple:
+            return tuple(self.pack(item) for item in value)
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            if self.inline:
+                offset, inline = self._place(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
+            else:  # straight into the segment in C order, without an intermediate copy
+                offset, inline = self._reserve(value.nbytes), None
+                target = np.ndarray(value.shape, value.dtype, buffer=self.buffer, offset=offset)
+                np.copyto(target, value, casting="no")
+            return _SharedArray(offset, value.dtype, value.shape, value.flags.writeable, inline)
+        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
+            try:
+                flat = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+            except RuntimeError:  # e.g. a quantized tensor: pickled whole
+                return value
+            offset, inline = self._place(flat)
+            dtype = str(value.dtype).removeprefix("torch.")
+            return _SharedTensor(offset, flat.nbytes, dtype, tuple(value.shape), inline)
+        if kind is memoryview or (kind in (bytes, bytearray) and len(value) >= SHARED_BYTES_MIN):
+            if self.inline and kind is not memoryview:
+                return value  # pickles as it is
+            data = memoryview(value).cast("B")
+            offset, inline = self._place(data)
+            return _SharedBytes(offset, data.nbytes, kind, inline)
+        return value
+
+
+def _unpack(value: Any, buffer: memoryview, *, copy: bool) -> Any:
+    """The value ``pack`` replaced: views on the segment, or (``copy``) copies."""
+    kind = type(value)
+    if kind is dict:
+        return {name: _unpack(item, buffer, copy=copy) for name, item in value.items()}
+    if kind is list:
+        return [_unpack(item, buffer, copy=copy) for item in value]
+    if kind is tuple:
+        return tuple(_unpack(item, buffer, copy=copy) for item in value)
+    if kind is _SharedArray:
+        source = buffer if value.inline is None else value.inline
+        array = np.ndarray(value.shape, value.dtype, buffer=source, offset=value.offset)
+        if copy:
+            return array.copy()
+        array.flags.writeable = value.writeable
+        return array
+    if kind is _SharedTensor:
+        source = buffer if value.inline is None else value.inline
+        raw = np.ndarray((value.nbytes,), np.uint8, buffer=source, offset=value.offset)
+        flat = torch.from_numpy(raw.copy() if copy else raw)
+        return flat.view(getattr(torch, value.dtype)).reshape(value.shape)
+    if kind is _SharedBytes:
+        source = buffer if value.inline is None else memoryview(value.inline)
+        data = source[value.offset : value.offset + value.nbytes]
+        if value.kind is memoryview:
+            return memoryview(bytes(data)) if copy else data
+        return value.kind(data)
+    if copy and isinstance(value, torch.Tensor):
+        return value.contiguous()  # one pickled whole, in the layout it had
+    return value
+
+
+def _pack_samples(
+    packer: _Packer, samples: Sequence[Any], start: int
+) -> tuple[list[Any], int, bool]:
+    """Packs ``samples[start:]`` until the segment is full: (metadata, how many, whether the
+    first of them had to be pickled because it alone exceeds the segment)."""
+    packer.used, packer.inline = 0, False
+    packed: list[Any] = []
+    for sample in samples[start:]:
+        mark = packer.used
+        try:
+            packed.append(packer.pack(sample))
+        except _SegmentFull:
+            packer.used = mark
+            if packed:
+                break
+            packer.inline = True  # alone and too big: its arrays go through the pipe
+            packed.append(packer.pack(sample))
+            return packed, 1, True
+    return packed, len(packed), False
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker process
+
+
+def _load(transform: str | bytes) -> SampleTransform:
+    if isinstance(transform, str):
+        return load_callable(transform, setting=SETTING)
+    loaded: SampleTransform = pickle.loads(transform)
+    return loaded
+
+
+def _worker_main(
+    transform_reference: str | bytes,
+    name: str,
+    input_name: str,
+    output_name: str,
+    connection: multiprocessing.connection.Connection,
+    main_pid: int,
+) -> None:
+    die_with_parent(main_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group
+    try:
+        transform = _load(transform_reference)
+        segments = SharedMemory(input_name), SharedMemory(output_name)
+    except Exception as error:  # reported to the caller, who raises it
+        connection.send(("failed", f"{type(error).__name__}: {error}"))
+        return
+    connection.send(("ready", os.getpid()))
+    input_buffer, packer = _buffer(segments[0]), _Packer(segments[1])
+    while True:
+        try:
+            message = connection.recv()
+        except EOFError:  # the caller is gone
+            break
+        if message is None:
+            break
+        packed_samples, seeds = message
+        try:
+            outputs = [
+                _transform_one(transform, name, _unpack(packed, input_buffer, copy=False), seed)
+                for packed, seed in zip(packed_samples, seeds, strict=True)
+            ]
+        except TransformOutputError as error:
+            connection.send(("wrong", str(error)))
+            continue
+        _send_outputs(connection, packer, outputs, name)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    # Skip interpreter teardown: a transform may still hold a view on a segment, whose
+    # close() would then raise at exit; the caller unlinks the segments.
+    os._exit(0)
+
+
+def _transform_one(
+    transform: SampleTransform, name: str, sample: dict[str, Any], seed: SampleSeed
+) -> dict[str, Any] | TransformFailure:
+    try:
+        output = transform(sample, sample_rng(*seed))
+    except Exception as error:  # the user's code: any exception is this sample's
+        return TransformFailure.from_exception(name, error)
+    return check_output(output, name)
+
+
+def _send_outputs(
+    connection: multiprocessing.connection.Connection,
+    packer: _Packer,
+    outputs: list[Any],
+    name: str,
+) -> None:
+    start = 0
+    while start < len(outputs):
+        packed, count, pickled = _pack_samples(packer, outputs, start)
+        start += count
+        last = start == len(outputs)
+        try:
+            connection.send(("done" if last else "part", packed, pickled))
+        except (pickle.PicklingError, TypeError, AttributeError) as error:
+            connection.send(
+                (
+                    "wrong",
+                    f"sample_transform {name} returned a value that cannot be sent "
+                    f"back from its worker process ({error}); return numpy arrays, "
+                    "tensors, numbers, str, bytes, lists or dicts",
+                )
+            )
+            return
+        if not last and connection.recv() != "next":
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# The runner
+
+
+class _Worker:
+    """One worker process and its two segments."""
+
+    def __init__(
+        self,
+        context: multiprocessing.context.ForkServerContext,
+        reference: str | bytes,
+        name: str,
+        shm_bytes: int,
+        number: int,
+    ) -> None:
+        tag = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{number}"
+        self.input = SharedMemory(f"{tag}-in", create=True, size=shm_bytes)
+        try:
+            self.output = SharedMemory(f"{tag}-out", create=True, size=shm_bytes)
+        except BaseException:
+            self.input.unlink()
+            raise
+        self.connection, child = context.Pipe()
+        self.process = context.Process(
+            target=_worker_main,
+            args=(reference, name, self.input.name, self.output.name, child, os.getpid()),
+            name=f"shardflow-transform-{number}",
+            daemon=True,
+        )
+        try:
+            self.process.start()
+        except BaseException:
+            self.release()
+            raise
+        child.close()
+        self.ready = False
+        self._released = False
+        self._release_lock = threading.Lock()
+
+    def stop(self) -> None:
+        """Kill the process and unlink the segments, for ``close()`` while another thread
+        uses this worker: that thread's wait ends on the sentinel, and it releases the
+        pipe and the mappings it may still be using."""
+        if self.process.pid is not None:
+            self.process.kill()
+        self._unlink()
+
+    def release(self) -> None:
+        """Stop the process (politely, then not), close the pipe, unlink and unmap both
+        segments; once, whoever calls it first."""
+        with self._release_lock:
+            if self._released:
+                return
+            self._released = True
+        with contextlib.suppress(OSError, ValueError):
+            self.connection.send(None)
+        if self.process.pid is not None:
+            self.process.join(timeout=2.0)
+            if self.process.is_alive():
+                self.process.kill()
+                self.process.join(timeout=5.0)
+        self.connection.close()
+        self._unlink()
+        for segment in (self.input, self.output):
+            with contextlib.suppress(BufferError):  # a view outlived its call (a bug): GC
+                segment.close()
+
+    def _unlink(self) -> None:
+        for segment in (self.input, self.output):
+            with contextlib.suppress(FileNotFoundError):
+                segment.unlink()
+
+
+def _exit_description(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"exit code {code} ({signal.Signals(-code).name})"
+    return f"exit code {code}"
+
+
+class ProcessTransformRunner:
+    """Runs a sample transform in ``workers`` processes (see the module docstring).
+
+    ``transform``: a module-level callable or a ``"package.module:function"`` string;
+    ``shm_bytes``: the size of each worker's input and of its output segment."""
+
+    def __init__(
+        self, transform: SampleTransform | str, *, workers: int, shm_bytes: int = 64 << 20
+    ) -> None:
+        if workers < 1:
+            raise ValueError(f"transform workers = {workers}: need at least 1")
+        if shm_bytes < ALIGNMENT:
+            raise ValueError(f"shm_bytes = {shm_bytes}: need at least {ALIGNMENT}")
+        reference: str | bytes
+        if isinstance(transform, str):
+            self.name = callable_name(load_callable(transform, setting=SETTING))
+            reference = transform
+        else:
+            self.name = callable_name(transform)
+            reference = _reference(transform, self.name)
+        self.shm_bytes = shm_bytes
+        self.pickled_samples = 0
+        """Samples whose arrays exceeded shm_bytes and were pickled through the pipe."""
+        self._lock = threading.Lock()
+        self._closed = False
+        self._warned = False
+        # Set before the forkserver first starts (later calls do not change a running one):
+        # its preload makes each worker start without importing numpy and torch again.
+        multiprocessing.set_forkserver_preload([__name__])
+        self._context = multiprocessing.get_context("forkserver")
+        self._make_worker: Callable[[int], _Worker] = lambda number: _Worker(
+            self._context, reference, self.name, shm_bytes, number
+        )
+        self._workers: list[_Worker] = []
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        try:
+            for number in range(workers):
+                worker = self._make_worker(number)
+                self._workers.append(worker)
+                self._idle.put(worker)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' ids (for diagnostics and tests)."""
+        with self._lock:
+            return [w.process.pid for w in self._workers if w.process.pid is not None]
+
+    def run(
+        self, samples: list[dict[str, Any]], seeds: Sequence[SampleSeed]
+    ) -> list[dict[str, Any] | TransformFailure]:
+        if len(samples) != len(seeds):
+            raise ValueError(f"{len(samples)} samples but {len(seeds)} seeds")
+        if self._closed:
+            raise RuntimeError(f"sample_transform {self.name}: the process pool is closed")
+        worker = self._take_idle()
+        broken = False
+        try:
+            return self._run_on(worker, samples, seeds)
+        except TransformWorkerError:
+            broken = True
+            raise
+        finally:
+            self._give_back(worker, broken)
+
+    def close(self) -> None:
+        with self._lock:  # after this, _give_back releases what it is given
+            self._closed = True
+            workers, self._workers = self._workers, []
+            idle = set()
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    idle.add(self._idle.get_nowait())
+        for worker in workers:
+            if worker in idle:
+                worker.release()
+            else:  # another thread is writing to its pipe or reading its segments
+                worker.stop()
+
+    def __enter__(self) -> ProcessTransformRunner:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -----------------------------------------------------------------------------------------
+
+    def _take_idle(self) -> _Worker:
+        while True:
+            try:  # blocks with the GIL released; wakes up now and then to notice close()
+                worker = self._idle.get(timeout=0.5)
+            except queue.Empty:
+                worker = None
+            if self._closed:
+                raise RuntimeError(f"sample_transform {self.name}: the process pool is closed")
+            if worker is not None:
+                return worker
+
+    def _give_back(self, worker: _Worker, broken: bool) -> None:
+        if broken:
+            worker.release()
+        with self._lock:
+            if self._closed:
+                worker.release()
+                return
+            if not broken:
+                self._idle.put(worker)
+                return
+            number = self._workers.index(worker)
+        replacement = self._make_worker(number)  # outside the lock: it takes a while
+        with self._lock:
+            if not self._closed:
+                self._workers[number] = replacement
+                self._idle.put(replacement)
+                return
+        replacement.release()
+
+    def _run_on(
+        self, worker: _Worker, samples: list[dict[str, Any]], seeds: Sequence[SampleSeed]
+    ) -> list[dict[str, Any] | TransformFailure]:
+        if not worker.ready:
+            reply = self._receive(worker, len(samples))
+            if reply[0] == "failed":
+                raise TransformWorkerError(
+                    f"sample_transform {self.name}: the worker process could not load it "
+                    f"({reply[1]}); is its module importable there (installed, or on "
+                    'PYTHONPATH)? Or set data.transform_pool = "thread"'
+                )
+            worker.ready = True
+        packer = _Packer(worker.input)
+        results: list[dict[str, Any] | TransformFailure] = []
+        start = 0
+        while start < len(samples):
+            packed, count, pickled = _pack_samples(packer, samples, start)
+            if pickled:
+                self._count_pickled()
+            self._send(worker, (packed, list(seeds[start : start + count])), count)
+            start += count
+            while True:
+                kind, *payload = self._receive(worker, count)
+                if kind == "wrong":
+                    raise TransformOutputError(payload[0])
+                packed_outputs, outputs_pickled = payload
+                if outputs_pickled:
+                    self._count_pickled()
+                output = _buffer(worker.output)
+                results.extend(_unpack(o, output, copy=True) for o in packed_outputs)
+                if kind == "done":
+                    break
+                self._send(worker, "next", count)
+        return results
+
+    def _send(self, worker: _Worker, message: object, count: int) -> None:
+        try:
+            worker.connection.send(message)
+        except (BrokenPipeError, ConnectionResetError, OSError):
+            raise self._died(worker, count) from None
+
+    def _receive(self, worker: _Worker, count: int) -> tuple[Any, ...]:
+        # Waiting on the sentinel too: a dead worker ends the wait instead of hanging it.
+        ready = multiprocessing.connection.wait([worker.connection, worker.process.sentinel])
+        if worker.connection in ready:
+            try:
+                reply: tuple[Any, ...] = worker.connection.recv()
+                return reply
+            except (EOFError, OSError):
+                pass
+        raise self._died(worker, count)
+
+    def _died(self, worker: _Worker, count: int) -> TransformWorkerError:
+        worker.process.join(timeout=5.0)
+        if self._closed:
+            return TransformWorkerError(
+                f"sample_transform {self.name}: the process pool was closed while a chunk "
+                f"of {count} samples was in a worker"
+            )
+        return TransformWorkerError(
+            f"sample_transform {self.name}: worker process {worker.process.pid} died "
+            f"({_exit_description(worker.process.exitcode)}) while transforming a chunk of "
+            f"{count} samples; a crash in native code or the kernel's OOM killer are the "
+            "usual causes (check dmesg). A fresh worker replaces it"
+        )
+
+    def _count_pickled(self) -> None:
+        with self._lock:
+            self.pickled_samples += 1
+            if self._warned:
+                return
+            self._warned = True
+        log.warning(
+            "sample_transform %s: a sample's arrays exceed the %d bytes of a worker's "
+            "shared-memory segment and are pickled through a pipe instead (slower; counted "
+            "in pickled_samples); raise shm_bytes (data.transform_shm_bytes) above the "
+            "largest sample",
+            self.name,
+            self.shm_bytes,
+        )
+
+
+def _reference(transform: SampleTransform, name: str) -> bytes:
+    """``transform`` pickled by reference, or the one error saying how to make it so."""
+    qualified = getattr(transform, "__qualname__", "")
+    problem = ""
+    if "<lambda>" in qualified:
+        problem = "a lambda"
+    elif "<locals>" in qualified:
+        problem = "a function defined inside another function"
+    else:
+        try:
+            return pickle.dumps(transform)
+        except Exception as error:  # pickle raises several types for the same problem
+            problem = f"not importable by name ({type(error).__name__}: {error})"
+    raise TypeError(
+        f"sample_transform {name} is {problem}, which worker processes cannot import; define "
+        "it at the top level of a module and name it ('package.module:function'), or set "
+        'data.transform_pool = "thread"'
+    )

@@ -35,6 +35,7 @@ from typing import Any, Final
 import numpy as np
 
 from dataflow.formats import codec
+from dataflow.pipeline.transform import callable_name
 
 FieldDecoder = Callable[[bytes], Any]
 """Bytes of one field → its value."""
@@ -92,13 +93,24 @@ def _last_extension(name: str) -> str:
 
 
 def registered_decoder(name: str, kind: str) -> FieldDecoder | None:
-    """The user's decoder for a field (by full name, last extension, then kind), or None."""
+    """The user's decoder for a field (by full name, last extension, then kind), or None.
+
+    Whatever it raises becomes a ``ValueError`` naming it, so on_bad_sample applies."""
     with _REGISTERED_LOCK:
-        for candidate in (name.lower(), _last_extension(name), kind):
-            decoder = _REGISTERED.get(candidate)
-            if decoder is not None:
-                return decoder
-    return None
+        found = next(((c, _REGISTERED[c]) for c in (name.lower(), _last_extension(name), kind)
+                      if c in _REGISTERED), None)  # fmt: skip
+    if found is None:
+        return None
+    registered_as, decoder = found
+    described = f"the decoder registered for {registered_as!r} ({callable_name(decoder)})"
+
+    def guarded(data: bytes) -> Any:
+        try:
+            return decoder(data)
+        except Exception as error:  # the user's code: any exception is this sample's
+            raise ValueError(f"{described} raised {type(error).__name__}: {error}") from error
+
+    return guarded
 
 
 class FieldDecoders:

@@ -72,10 +72,11 @@ from dataflow.config import split_overrides
 from dataflow.metrics import PipelineMetrics
 from dataflow.pipeline import Loader
 from trainer.config import Config, load
+from trainer.models import build_spec
 from trainer.optim import build_optimizer, learning_rate, set_learning_rate
 from trainer.parallel import build_layout, parallelize
 from trainer.step import autocast, clip_gradients, forward_backward, global_mean
-from trainer.tasks import split_batch
+from trainer.tasks import build_task
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(REPO, "configs", "demo.toml")
@@ -136,10 +137,12 @@ def train_leg(
     torch.manual_seed(config.train.seed)
     layout = build_layout(config.parallel, rank=0, world_size=1, device_type=device.type)
     bf16 = config.train.mixed_precision == "bf16"
+    spec = build_spec(config.model, num_classes=classes, seed=config.train.seed)
+    task = build_task(config, spec.task)
     model = parallelize(
         config.model, config.parallel, layout=layout, device=device, num_classes=classes,
         seed=config.train.seed, activation_checkpointing=config.train.activation_checkpointing,
-        bf16=bf16,
+        bf16=bf16, spec=spec, loss_fn=task.loss,
     )  # fmt: skip
     optimizers = [build_optimizer(config.optim, part.parameters()) for part in model.parts]
     precision = autocast(device, bf16)
@@ -150,7 +153,7 @@ def train_leg(
             start_measuring()
         batch = next(batches)
         waited = time.perf_counter() - mark
-        inputs, targets = split_batch(config.model, batch, device)
+        inputs, targets = task.split(batch, device)
         lr = learning_rate(config.optim, step, total, global_batch=config.data.global_batch)
         set_learning_rate(optimizers, lr)
         loss = forward_backward(model, inputs, targets, precision=precision)

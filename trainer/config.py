@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from dataflow.config import load_config
 from dataflow.convert.config import ConvertConfig
@@ -48,8 +48,20 @@ class TrainConfig:
     collective_timeout_s: float = 600.0
     """How long a rank waits in one collective before failing: a rank that died or hangs then
     ends the job with an error instead of a hang (torch's gloo default, 10 minutes)."""
+    task: str = ""
+    """What a batch means: classify (image, label), lm (next token), or your own as
+    'package.module:function' returning a trainer.tasks.Task. Empty: the model's own task
+    (cnn: classify, gpt: lm)."""
+    task_options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a task named by 'package.module:function'."""
+    tensorboard: bool = False
+    """Also write the metrics.jsonl scalars as TensorBoard events into {out_dir}/tensorboard."""
 
     def __post_init__(self) -> None:
+        if self.task:
+            from trainer.tasks import TASKS
+
+            TASKS.check(self.task)
         for name in ("epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -63,8 +75,12 @@ class TrainConfig:
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    name: Literal["cnn", "gpt"] = "cnn"
-    """cnn: a small ResNet for image shards; gpt: a small decoder-only transformer for tokens."""
+    name: str = "cnn"
+    """cnn: a small ResNet for image shards; gpt: a small decoder-only transformer for tokens;
+    or your own as 'package.module:function' returning an nn.Module or a
+    trainer.models.ModelSpec."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments for a model named by 'package.module:function'."""
     num_classes: int = 0
     """CNN classes (0: the number of classes recorded in the dataset's index)."""
     width: int = 32
@@ -85,6 +101,9 @@ class ModelConfig:
     """GPT: the field holding each sample's tokens."""
 
     def __post_init__(self) -> None:
+        from trainer.models import MODELS
+
+        MODELS.check(self.name)
         for name in ("width", "vocab_size", "seq_len", "dim", "layers", "heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
@@ -169,9 +188,10 @@ class ParallelConfig:
 
 @dataclass(kw_only=True)
 class OptimConfig:
-    name: Literal["sgd", "adamw", "lamb", "lars", "adafactor"] = "adamw"
-    """Optimizer. lamb / lars: layer-wise trust ratios on full-tensor norms under any
-    sharding; adafactor: torch.optim.Adafactor (factored second moments)."""
+    name: str = "adamw"
+    """Optimizer: sgd, adamw, lamb, lars, adafactor, or 'package.module:function' taking
+    (this section, parameters). lamb / lars: layer-wise trust ratios on full-tensor norms
+    under any sharding; adafactor: torch.optim.Adafactor (factored second moments)."""
     lr: float = 1e-3
     """Peak learning rate at base_batch (see scale_rule)."""
     momentum: float = 0.9
@@ -204,6 +224,9 @@ class OptimConfig:
     """The global batch that lr was tuned for."""
 
     def __post_init__(self) -> None:
+        from trainer.optim import OPTIMIZERS
+
+        OPTIMIZERS.check(self.name)
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
@@ -220,10 +243,11 @@ class OptimConfig:
 
 @dataclass(kw_only=True)
 class CompressionConfig:
-    method: Literal["none", "fp16", "bf16", "powersgd", "topk", "sign"] = "none"
+    method: str = "none"
     """Data-parallel gradient compression — of DDP's all-reduce, or under HSDP of the
-    all-reduce across the replicate dimension only: casts, PowerSGD (low rank), top-k
-    sparsification or scaled signs (1 bit a value) — the last three with error feedback."""
+    all-reduce across the replicate dimension only: none, fp16, bf16 (casts), powersgd (low
+    rank), topk (sparsification) or sign (1 bit a value) — the last three with error
+    feedback — or 'package.module:function' taking this section, returning a Compressor."""
     powersgd_rank: int = 4
     """PowerSGD: rank of the P·Qᵀ approximation of each gradient matrix."""
     powersgd_start_step: int = 10
@@ -235,6 +259,9 @@ class CompressionConfig:
     """top-k: fraction of each parameter's values sent (largest magnitude after error feedback)."""
 
     def __post_init__(self) -> None:
+        from trainer.compression import COMPRESSORS
+
+        COMPRESSORS.check(self.method)
         if self.powersgd_rank < 1:
             raise ValueError(f"compression.powersgd_rank must be >= 1, got {self.powersgd_rank}")
         if self.powersgd_start_step < 0:
@@ -276,7 +303,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     """The training loop: epochs, device, precision, logging, evaluation."""
     model: ModelConfig = field(default_factory=ModelConfig)
-    """The reference model and its size."""
+    """The model: a reference one and its size, or your own."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """How ranks split the work: data, sharded-data, tensor and pipeline parallel degrees."""
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -27,10 +27,11 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from trainer.config import Config
+from trainer.models import build_spec
 from trainer.optim import build_optimizer
 from trainer.parallel import build_layout, parallelize
 from trainer.step import forward_backward
-from trainer.tasks import split_batch
+from trainer.tasks import build_task
 
 
 @dataclass
@@ -96,18 +97,19 @@ def play_rank(config: Config, world_size: int, rank: int) -> RankReport:
                               device_type="cpu")  # fmt: skip
         per_rank = check_batch(config, layout.dp_world)
         classes = config.model.num_classes or 10
+        spec = build_spec(config.model, num_classes=classes, seed=config.train.seed)
+        task = build_task(config, spec.task)
         model = parallelize(
             config.model, config.parallel, layout=layout, device=torch.device("cpu"),
             num_classes=classes, seed=config.train.seed,
             activation_checkpointing=config.train.activation_checkpointing,
-            compression=config.compression,
+            compression=config.compression, spec=spec, loss_fn=task.loss,
         )  # fmt: skip
         optimizers = [build_optimizer(config.optim, part.parameters()) for part in model.parts]
         params = [p for part in model.parts for p in part.parameters()]
         stepped = model.schedule is None or (model.first_stage and model.last_stage)
         if stepped:
-            inputs, targets = split_batch(config.model, _synthetic_batch(config, per_rank),
-                                          torch.device("cpu"))  # fmt: skip
+            inputs, targets = task.split(_synthetic_batch(config, per_rank), torch.device("cpu"))
             forward_backward(model, inputs, targets, precision=contextlib.nullcontext())
             for optimizer in optimizers:
                 optimizer.step()

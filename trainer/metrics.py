@@ -8,6 +8,10 @@ the step, samples/s, gradient communication time where it can be measured), ``ev
 repeats (those after its checkpoint that the previous launch had already logged) are
 dropped by ``current``, as the plot does. The stall fraction is the share of wall time the
 trainer spent waiting for the loader: near 0 means the input pipeline keeps up.
+
+With ``train.tensorboard = true`` the same numbers also go to TensorBoard event files in
+``{out_dir}/tensorboard`` (torch's ``SummaryWriter``): each numeric field of a ``step``
+record as ``step/<field>``, of an ``eval`` record as ``eval/<field>``, at the record's step.
 """
 
 from __future__ import annotations
@@ -22,12 +26,22 @@ from tqdm import tqdm
 
 class TrainMetrics:
     def __init__(self, out_dir: str, *, enabled: bool, progress: bool, total_steps: int,
-                 initial_step: int, run_id: str) -> None:  # fmt: skip
+                 initial_step: int, run_id: str, tensorboard: bool = False) -> None:  # fmt: skip
         self.enabled = enabled
         self.run_id = run_id
         self.path = os.path.join(out_dir, "metrics.jsonl")
         self._handle = None
         self._bar: tqdm[Any] | None = None
+        self._board: Any = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as error:
+                raise ValueError(
+                    "train.tensorboard = true needs the tensorboard package: pip install "
+                    f"'shardflow[tensorboard]' (or set train.tensorboard = false): {error}"
+                ) from error
+            self._board = SummaryWriter(os.path.join(out_dir, "tensorboard"))
         if enabled:
             os.makedirs(out_dir, exist_ok=True)
             self._handle = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
@@ -41,6 +55,10 @@ class TrainMetrics:
         record = {"event": event, "time": round(time.time(), 3), "run": self.run_id, **fields}
         self._handle.write(json.dumps(record) + "\n")
         self._handle.flush()
+        if self._board is not None and event in ("step", "eval"):
+            for name, value in fields.items():
+                if name not in ("step", "epoch") and isinstance(value, int | float):
+                    self._board.add_scalar(f"{event}/{name}", value, fields["step"])
         if self._bar is not None and event == "step":
             self._bar.update(fields["step"] - self._bar.n)
             self._bar.set_postfix_str(
@@ -58,6 +76,9 @@ class TrainMetrics:
         if self._handle is not None:
             self._handle.close()
             self._handle = None
+        if self._board is not None:
+            self._board.close()
+            self._board = None
 
 
 def _short(value: Any) -> str:

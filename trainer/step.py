@@ -21,7 +21,8 @@ from torch.distributed.tensor import DTensor
 
 from trainer.parallel import Layout, ParallelModel
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+MetricsFn = Callable[[Any, torch.Tensor], dict[str, torch.Tensor]]
 
 
 def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager[Any]:
@@ -32,16 +33,25 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
 
 
 def forward_backward(
-    model: ParallelModel, inputs: torch.Tensor, targets: torch.Tensor, *, precision: Any
+    model: ParallelModel,
+    inputs: Any,
+    targets: torch.Tensor,
+    *,
+    precision: Any,
+    on_output: Callable[[Any, torch.Tensor], None] | None = None,
 ) -> torch.Tensor | None:
-    """Accumulate gradients of the mean loss; returns this rank's loss (None off the last stage)."""
+    """Accumulate gradients of the mean loss; returns this rank's loss (None off the last
+    stage). ``on_output(output, targets)`` sees the model's output (not with pp > 1, where
+    the schedule keeps it), e.g. to count correct predictions."""
     loss_fn: LossFn = model.loss_fn  # type: ignore[assignment]
     with precision:
         if model.schedule is None:
-            loss = loss_fn(model.parts[0](inputs), targets)
+            output = model.parts[0](inputs)
+            loss = loss_fn(output, targets)
+            if on_output is not None:
+                on_output(output, targets)
             loss.backward()
-            if model.gradient_sync is not None:
-                model.gradient_sync.sync()
+            model.sync.after_backward()
             return loss.detach()
         losses: list[torch.Tensor] = []
         if model.first_stage and model.last_stage:
@@ -95,11 +105,13 @@ def clip_gradients(layout: Layout, parts: list[nn.Module], max_norm: float) -> f
 @torch.no_grad()
 def evaluate(
     model: ParallelModel, layout: Layout, batches: Any, split: Callable[[Any], Any], *,
-    precision: Any,
+    precision: Any, metrics: MetricsFn | None = None,
 ) -> dict[str, float]:  # fmt: skip
-    """Mean loss and accuracy (top-1; per token for the GPT) over the valid samples."""
+    """Mean loss and ``metrics`` (sums per batch, reported per target entry: top-1 accuracy
+    for the reference tasks) over the valid samples."""
     loss_fn: LossFn = model.loss_fn  # type: ignore[assignment]
-    totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    names: list[str] = []
+    totals: torch.Tensor | None = None  # loss sum, count, then each metric's sum
     for part in model.parts:
         part.eval()
     try:
@@ -108,7 +120,7 @@ def evaluate(
             valid = batch["__valid__"].to(targets.device)
             with precision:
                 if model.schedule is None:
-                    output: torch.Tensor | None = model.parts[0](inputs)
+                    output: Any = model.parts[0](inputs)
                 elif model.first_stage and model.last_stage:
                     output = model.schedule.eval(inputs, target=targets)
                 elif model.first_stage:
@@ -121,15 +133,28 @@ def evaluate(
                 continue
             output = output[valid].float()
             kept = targets[valid]
+            sums = metrics(output, kept) if metrics is not None else {}
+            if totals is None:
+                names = sorted(sums)
+                totals = torch.zeros(2 + len(names), dtype=torch.float64)
             per_position = loss_fn(output, kept) * kept.numel()
-            correct = (output.argmax(-1) == kept).sum()
-            weight = 1.0 / layout.tp
-            totals += torch.tensor([float(per_position), float(correct), kept.numel()]) * weight
+            row = [float(per_position), kept.numel(), *(float(sums[name]) for name in names)]
+            totals += torch.tensor(row) * (1.0 / layout.tp)
     finally:
         for part in model.parts:
             part.train()
     if layout.world_size > 1:
+        # Ranks that held no batch (or no last stage) learn the metric names from the others.
+        everyone: list[Any] = [None] * layout.world_size
+        dist.all_gather_object(everyone, names)
+        names = next((n for n in everyone if n), [])
+        if totals is None:
+            totals = torch.zeros(2 + len(names), dtype=torch.float64)
         dist.all_reduce(totals)
-    count = max(float(totals[2]), 1.0)
-    return {"loss": float(totals[0]) / count, "accuracy": float(totals[1]) / count,
-            "targets": round(float(totals[2]))}  # fmt: skip
+    if totals is None:
+        totals = torch.zeros(2 + len(names), dtype=torch.float64)
+    count = max(float(totals[1]), 1.0)
+    result = {"loss": float(totals[0]) / count}
+    result.update({name: float(totals[2 + i]) / count for i, name in enumerate(names)})
+    result["targets"] = round(float(totals[1]))
+    return result

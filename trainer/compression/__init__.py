@@ -27,9 +27,14 @@ PowerSGD's Q are kept per parameter name (a shard's, under HSDP), so bucket layo
 matter; ``state_dict()`` holds this rank's state for the checkpoint, restored as it was when
 the world size is unchanged; at another world size each rank starts from the mean state of
 the saved ranks that held the same pieces of the parameters (``StateAverage``).
+
+Compressors are registered by name (``COMPRESSORS``); ``compression.method`` may also be
+``"package.module:function"``, called with this section, returning a ``Compressor``.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -44,8 +49,10 @@ from trainer.compression.base import (
 from trainer.compression.powersgd import PowerSGD
 from trainer.compression.sparse import Sign, TopK
 from trainer.config import CompressionConfig
+from trainer.registry import Registry
 
 __all__ = [
+    "COMPRESSORS",
     "Cast",
     "Compressor",
     "ErrorFeedback",
@@ -59,22 +66,34 @@ __all__ = [
 ]  # fmt: skip
 
 
+CompressorFactory = Callable[[CompressionConfig], Compressor | None]
+COMPRESSORS: Registry[CompressorFactory] = Registry("compressor", "compression.method")
+"""name → factory(config) → Compressor, or None for the plain all-reduce ('none')."""
+COMPRESSORS.register("none")(lambda config: None)
+COMPRESSORS.register("fp16")(lambda config: Cast(torch.float16))
+COMPRESSORS.register("bf16")(lambda config: Cast(torch.bfloat16))
+COMPRESSORS.register("topk")(lambda config: TopK(config.topk_ratio))
+COMPRESSORS.register("sign")(lambda config: Sign())
+
+
+@COMPRESSORS.register("powersgd")
+def _powersgd(config: CompressionConfig) -> Compressor:
+    return PowerSGD(rank=config.powersgd_rank, start_step=config.powersgd_start_step,
+                    warm_start=config.powersgd_warm_start)  # fmt: skip
+
+
 def build_compressor(
     config: CompressionConfig, *, place: tuple[int, int, int, int] = (0, 1, 0, 1)
 ) -> Compressor | None:
     """The configured compressor, or None for plain all-reduce. ``place``: this rank's
     (dp_shard coordinate, dp_shard, tp coordinate, tp), see ``Compressor.place``."""
-    compressor: Compressor
-    if config.method == "none":
+    compressor = COMPRESSORS.get(config.method)(config)
+    if compressor is None:
         return None
-    if config.method in ("fp16", "bf16"):
-        compressor = Cast(torch.float16 if config.method == "fp16" else torch.bfloat16)
-    elif config.method == "powersgd":
-        compressor = PowerSGD(rank=config.powersgd_rank, start_step=config.powersgd_start_step,
-                              warm_start=config.powersgd_warm_start)  # fmt: skip
-    elif config.method == "topk":
-        compressor = TopK(config.topk_ratio)
-    else:
-        compressor = Sign()
+    if not isinstance(compressor, Compressor):
+        raise ValueError(
+            f"compression.method = {config.method!r} returned a {type(compressor).__name__}, "
+            "not a trainer.compression.Compressor"
+        )
     compressor.place = torch.tensor(place)
     return compressor

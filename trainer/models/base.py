@@ -26,7 +26,3 @@ class StagedModel(nn.Module):
         if self.output_layer is not None:
             x = self.output_layer(x)
         return x
-
-    def loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy of logits ``output`` (…×classes) against ``target`` (…)."""
-        return nn.functional.cross_entropy(output.flatten(0, -2).float(), target.flatten())

@@ -4,51 +4,74 @@ The schedule is a pure function of the step (linear warm-up, then constant, cosi
 polynomial decay to ``min_lr_ratio × lr``, the peak scaled by the large-batch rule), so a
 resumed run needs only the step to continue it exactly — there is no scheduler state to save.
 LAMB and LARS live in ``trust.py``: their trust ratios use full-tensor norms under FSDP2 and
-tensor parallelism.
+tensor parallelism. Optimizers are registered by name (``OPTIMIZERS``); ``optim.name`` may
+also be ``"package.module:function"``, called with (this section, the trainable parameters).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch.distributed.tensor import DTensor
 
 from trainer.config import OptimConfig
 from trainer.optim.trust import Lamb, Lars
+from trainer.registry import Registry
+
+OptimizerFactory = Callable[[OptimConfig, list[torch.nn.Parameter]], torch.optim.Optimizer]
+OPTIMIZERS: Registry[OptimizerFactory] = Registry("optimizer", "optim.name")
+"""name → factory(config, trainable parameters) → optimizer."""
 
 
 def build_optimizer(
     config: OptimConfig, params: Iterable[torch.nn.Parameter]
 ) -> torch.optim.Optimizer:
     trainable = [p for p in params if p.requires_grad]
-    betas = (config.betas[0], config.betas[1])
-    if config.name == "sgd":
-        return torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)  # fmt: skip
-    if config.name == "lamb":
-        return Lamb(trainable, lr=config.lr, betas=betas, eps=config.eps,
-                    weight_decay=config.weight_decay,
-                    exclude_bias_and_norm=config.exclude_bias_and_norm)  # fmt: skip
-    if config.name == "lars":
-        return Lars(trainable, lr=config.lr, momentum=config.momentum,
-                    weight_decay=config.weight_decay, trust_coefficient=config.trust_coefficient,
-                    eps=config.eps, clip=config.larc_clip,
-                    exclude_bias_and_norm=config.exclude_bias_and_norm)  # fmt: skip
-    if config.name == "adafactor":
-        if any(isinstance(p, DTensor) for p in trainable):
-            raise ValueError(
-                "optim.name = 'adafactor' (torch.optim.Adafactor) cannot step sharded "
-                "parameters: its factored moments fail on FSDP2/TP DTensors in torch 2.13. "
-                "Use it with DDP or one process, or choose adamw / lamb / lars"
-            )
-        return torch.optim.Adafactor(trainable, lr=config.lr, weight_decay=config.weight_decay,
-                                     foreach=False)  # fmt: skip
+    return OPTIMIZERS.get(config.name)(config, trainable)
+
+
+@OPTIMIZERS.register("sgd")
+def _sgd(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
+                           weight_decay=config.weight_decay)  # fmt: skip
+
+
+@OPTIMIZERS.register("lamb")
+def _lamb(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return Lamb(trainable, lr=config.lr, betas=(config.betas[0], config.betas[1]),
+                eps=config.eps, weight_decay=config.weight_decay,
+                exclude_bias_and_norm=config.exclude_bias_and_norm)  # fmt: skip
+
+
+@OPTIMIZERS.register("lars")
+def _lars(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    return Lars(trainable, lr=config.lr, momentum=config.momentum,
+                weight_decay=config.weight_decay, trust_coefficient=config.trust_coefficient,
+                eps=config.eps, clip=config.larc_clip,
+                exclude_bias_and_norm=config.exclude_bias_and_norm)  # fmt: skip
+
+
+@OPTIMIZERS.register("adafactor")
+def _adafactor(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if any(isinstance(p, DTensor) for p in trainable):
+        raise ValueError(
+            "optim.name = 'adafactor' (torch.optim.Adafactor) cannot step sharded "
+            "parameters: its factored moments fail on FSDP2/TP DTensors in torch 2.13. "
+            "Use it with DDP or one process, or choose adamw / lamb / lars"
+        )
+    return torch.optim.Adafactor(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                 foreach=False)  # fmt: skip
+
+
+@OPTIMIZERS.register("adamw")
+def _adamw(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     # foreach=False: the per-parameter loop is deterministic and handles any mix of plain
     # and DTensor parameters; at these model sizes it costs nothing measurable.
-    return torch.optim.AdamW(trainable, lr=config.lr, betas=betas, eps=config.eps,
-                             weight_decay=config.weight_decay, foreach=False)  # fmt: skip
+    return torch.optim.AdamW(trainable, lr=config.lr, betas=(config.betas[0], config.betas[1]),
+                             eps=config.eps, weight_decay=config.weight_decay,
+                             foreach=False)  # fmt: skip
 
 
 def peak_learning_rate(config: OptimConfig, global_batch: int | None) -> float:

@@ -1,33 +1,39 @@
 """Build the configured model and apply parallelism, in this order (torchtitan's):
 
-1. build the whole model on the meta device (no memory, whatever its size);
-2. pipeline: keep this rank's stages (``pipeline.split_model``);
-3. tensor parallel: DTensor column/row plans on the tp mesh (``tensor``);
-4. activation checkpointing around each block (``data``);
-5. FSDP2 ``fully_shard`` per block, then the root, on the 2-D (dp_replicate, dp_shard)
+1. build the model (``trainer.models.ModelSpec``): the reference models on the meta device
+   (no memory, whatever their size), a user's model as its function builds it;
+2. pipeline: keep this rank's stages (``pipeline.split_model``; StagedModels only);
+3. tensor parallel: DTensor column/row plans on the tp mesh (``tensor``; the spec's plan);
+4. activation checkpointing around each unit — the blocks, the spec's wrap classes, or the
+   module's children (``data``);
+5. FSDP2 ``fully_shard`` per unit, then the root, on the 2-D (dp_replicate, dp_shard)
    mesh: FSDP, HSDP (with ``[compression]``: on the dp_shard mesh, and a compressing hook
    averages over dp_replicate — ``trainer.compression``), or — when dp_shard is 1 but TP
    or PP is on — pure replication through FSDP2 (DDP's reducer cannot follow a pipeline's
    microbatches: its bucket rebuild sees each parameter once per microbatch and fails an
    internal assert in torch 2.13);
-6. materialise (``to_empty``) and initialise each parameter from (seed, name) — the same
-   weights in every layout (``trainer.models.init``);
+6. materialise (``to_empty``) and initialise each parameter — from (seed, name) for the
+   reference models, from the user model's own values otherwise: the same weights in every
+   layout (``trainer.models.init``);
 7. DDP around the model, when data parallelism is pure replication alone (``data``);
-8. the pipeline schedule over the stages (``pipeline``).
+8. the pipeline schedule over the stages (``pipeline``);
+9. the ``GradientSync`` the loop calls (``sync``).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from trainer.comm import FlatAllReduce, HierarchicalAllReduce, node_grid
-from trainer.compression import Compressor, build_compressor
+from trainer.compression import build_compressor
 from trainer.config import CompressionConfig, ModelConfig, ParallelConfig
-from trainer.models import StagedModel, build_model, init_weights
+from trainer.models import ModelSpec, StagedModel, build_spec, copy_values, own_values
 from trainer.parallel.data import (
     CommTimer,
     apply_activation_checkpointing,
@@ -36,9 +42,17 @@ from trainer.parallel.data import (
 )
 from trainer.parallel.mesh import Layout, build_layout, resolve
 from trainer.parallel.pipeline import Schedule, build_schedule, split_model, stage_indices
+from trainer.parallel.sync import (
+    DDPSync,
+    DecentralizedSync,
+    FlatSync,
+    GradientSync,
+    ShardedSync,
+)
 from trainer.parallel.tensor import apply_tensor_parallel
+from trainer.tasks import cross_entropy
 
-__all__ = ["Layout", "ParallelModel", "build_layout", "parallelize", "resolve"]
+__all__ = ["GradientSync", "Layout", "ParallelModel", "build_layout", "parallelize", "resolve"]
 
 
 @dataclass(kw_only=True)
@@ -46,7 +60,7 @@ class ParallelModel:
     parts: list[nn.Module]
     """This rank's model parts as wrapped (one, or one per pipeline stage it holds)."""
     loss_fn: object
-    """(output, target) → mean loss."""
+    """(output, target) → mean loss (the task's)."""
     schedule: Schedule | None
     """The pipeline schedule, when pp > 1."""
     first_stage: bool
@@ -57,13 +71,8 @@ class ParallelModel:
     """How data parallelism is done: 'ddp', 'flat' (one all-reduce after backward), 'gossip'
     or 'local_sgd' (parameters mixed after the step, ``trainer.comm.decentral``), 'fsdp',
     'hsdp', 'replicate' (FSDP2) or 'none'."""
-    comm_timer: CommTimer | None = None
-    """With DDP: the time gradient all-reduces were in flight."""
-    compressor: Compressor | None = None
-    """With [compression] under DDP or HSDP: the compressor, its byte counts, and under HSDP
-    the seconds its hooks spent averaging."""
-    gradient_sync: FlatAllReduce | None = None
-    """With parallel.allreduce = "flat": averages all gradients after backward."""
+    sync: GradientSync
+    """What the loop calls after backward and after the step (``sync``)."""
 
 
 def parallelize(
@@ -77,22 +86,42 @@ def parallelize(
     activation_checkpointing: bool = False,
     bf16: bool = False,
     compression: CompressionConfig | None = None,
+    spec: ModelSpec | None = None,
+    loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] = cross_entropy,
 ) -> ParallelModel:
-    with torch.device("meta"):
-        whole = build_model(model_config, num_classes=num_classes)
-    loss_fn = whole.loss
-    parts: list[StagedModel] = [whole]
+    """``spec``: the model to parallelize (default: the one ``model_config`` names);
+    ``loss_fn``: the task's loss, which the pipeline schedule computes on the last stage."""
+    if spec is None:
+        spec = build_spec(model_config, num_classes=num_classes, seed=seed)
+    whole = spec.module
+    # A user model's own initial values, taken before anything wraps or shards it.
+    values = own_values(whole, seed) if spec.init is None else None
+    described = f"model.name = {model_config.name!r}"
+    parts: list[nn.Module] = [whole]
     stage_ids, stages = [0], 1
     if layout.pp > 1:
         assert layout.mesh is not None
+        if not isinstance(whole, StagedModel):
+            raise ValueError(
+                f"parallel.pp = {layout.pp} needs a model that can be cut between blocks; "
+                f"{described} built a {type(whole).__name__}, not a trainer.models.StagedModel "
+                "(input_layer → blocks → output_layer): subclass it, or set parallel.pp = 1"
+            )
         stage_ids, stages = stage_indices(config, layout.pp_rank)
         parts = [split_model(whole, index, stages) for index in stage_ids]
     if layout.tp > 1:
+        plan = spec.plan
+        if plan is None:
+            raise ValueError(
+                f"parallel.tp = {layout.tp} needs a tensor-parallel plan; {described} built a "
+                f"{type(whole).__name__} with none: give ModelSpec.tp_plan (submodule → "
+                "'colwise' | 'rowwise'), or set parallel.tp = 1"
+            )
         for part in parts:
-            apply_tensor_parallel(part, mesh=layout.submesh("tp"), heads=model_config.heads)
+            apply_tensor_parallel(part, mesh=layout.submesh("tp"), plan=plan, heads=spec.heads)
     if activation_checkpointing:
         for part in parts:
-            apply_activation_checkpointing(part)
+            apply_activation_checkpointing(part, spec.units(part))
     strategy = "none"
     if layout.dp_world > 1:
         if layout.dp_shard > 1 or layout.tp > 1 or layout.pp > 1:
@@ -144,7 +173,7 @@ def parallelize(
             replicas = layout.submesh("dp_replicate").get_group()
             hook = functools.partial(compressor.fsdp_hook, replicas)
         for part in parts:
-            apply_fsdp(part, mesh=mesh, bf16=bf16, all_reduce_hook=hook,
+            apply_fsdp(part, spec.units(part), mesh=mesh, bf16=bf16, all_reduce_hook=hook,
                        reshard_after_forward=config.fsdp_reshard_after_forward)  # fmt: skip
     wrapped: list[nn.Module] = []
     timer = None
@@ -155,7 +184,11 @@ def parallelize(
         timer = CommTimer(inner)
     for part in parts:
         part.to_empty(device=device)
-        init_weights(part, seed)
+        if spec.init is not None:
+            spec.init(part, seed)
+        else:
+            assert values is not None
+            copy_values(part, values)
         if compressor is not None:
             compressor.name_parameters(part)
         if strategy == "ddp":
@@ -163,15 +196,22 @@ def parallelize(
             wrapped.append(apply_ddp(part, mesh=mesh, bucket_mb=config.ddp_bucket_mb, timer=timer))
         else:
             wrapped.append(part)
-    flat = None
-    if strategy == "flat":
-        flat = FlatAllReduce(wrapped, layout.group("dp_replicate"), compressor)
+    sync: GradientSync = ShardedSync(compressor)
+    if strategy == "ddp":
+        assert timer is not None
+        sync = DDPSync(timer, compressor)
+    elif strategy == "flat":
+        sync = FlatSync(FlatAllReduce(wrapped, layout.group("dp_replicate"), compressor),
+                        compressor)  # fmt: skip
+    elif strategy in ("gossip", "local_sgd"):
+        sync = DecentralizedSync(config, wrapped, layout)
+    elif strategy == "none":
+        sync = GradientSync()
     schedule = None
     if layout.pp > 1:
         schedule = build_schedule(config, wrapped, stage_ids, stages, device=device,
                                   group=layout.group("pp"), loss_fn=loss_fn)  # fmt: skip
     return ParallelModel(
         parts=wrapped, loss_fn=loss_fn, schedule=schedule, first_stage=0 in stage_ids,
-        last_stage=stages - 1 in stage_ids, strategy=strategy, comm_timer=timer,
-        compressor=compressor, gradient_sync=flat,
+        last_stage=stages - 1 in stage_ids, strategy=strategy, sync=sync,
     )  # fmt: skip

@@ -9,6 +9,9 @@
   mesh is 2-D: HSDP (shard within a group, all-reduce across groups).
 - Activation checkpointing wraps each block (recompute in backward); applied before FSDP so
   FSDP shards the wrapped block.
+
+"Block" is whatever ``ModelSpec.units`` names: a StagedModel's blocks, the submodules of the
+spec's wrap classes, or else the module's children that hold parameters.
 """
 
 from __future__ import annotations
@@ -28,22 +31,40 @@ from torch.nn.parallel import DistributedDataParallel
 
 from trainer.models.base import StagedModel
 
+Units = list[tuple[str, nn.Module]]
 
-def apply_activation_checkpointing(model: StagedModel) -> None:
-    for name, block in list(model.blocks.items()):
-        model.blocks[name] = checkpoint_wrapper(block, preserve_rng_state=False)
+
+def _blocks(model: nn.Module) -> Units:
+    assert isinstance(model, StagedModel), "give the units of a model that is no StagedModel"
+    return [(f"blocks.{name}", block) for name, block in model.blocks.items()]
+
+
+def apply_activation_checkpointing(model: nn.Module, units: Units | None = None) -> None:
+    """Wrap each unit (name, module) of ``model`` in place (default: a StagedModel's blocks);
+    a unit inside another is recomputed with it already."""
+    wrapped: list[str] = []
+    for name, unit in units if units is not None else _blocks(model):
+        if any(name.startswith(f"{outer}.") for outer in wrapped):
+            continue
+        wrapped.append(name)
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        parent.register_module(child, checkpoint_wrapper(unit, preserve_rng_state=False))
 
 
 def apply_fsdp(
-    model: StagedModel, *, mesh: DeviceMesh, bf16: bool, reshard_after_forward: bool,
+    model: nn.Module, units: Units | None = None, *, mesh: DeviceMesh, bf16: bool,
+    reshard_after_forward: bool,
     all_reduce_hook: Callable[[nn.Module], Callable[[torch.Tensor], None]] | None = None,
 ) -> None:  # fmt: skip
-    """``all_reduce_hook(module)`` gives the hook FSDP2 runs on each sharded module's
+    """``fully_shard`` each unit, then the root (units default: a StagedModel's blocks).
+    ``all_reduce_hook(module)`` gives the hook FSDP2 runs on each sharded module's
     reduce-scattered gradients (``FSDPModule.set_all_reduce_hook``)."""
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
     )
-    for module in [*model.blocks.values(), model]:
+    found = units if units is not None else _blocks(model)
+    for module in [*(unit for _, unit in found), model]:
         sharded = fully_shard(module, mesh=mesh, mp_policy=policy,
                               reshard_after_forward=reshard_after_forward)  # fmt: skip
         if all_reduce_hook is not None:

@@ -1,6 +1,8 @@
 """Tensor parallelism: each block's projections split by columns or rows over the tp mesh.
 
-The plan comes from the model (``GPT.TP_PLAN``): q/k/v and the MLP's first layer are
+The plan comes from the model spec (``ModelSpec.tp_plan``, else the module's ``TP_PLAN``;
+the GPT's is ``GPT.TP_PLAN``), applied to each block of a StagedModel, else to the module
+as a whole. The GPT's plan:: q/k/v and the MLP's first layer are
 column-parallel (each rank computes its share of heads / hidden units from the replicated
 input), the attention and MLP output projections row-parallel (partial sums all-reduced).
 One all-reduce per attention and per MLP in forward, and one each in backward. Embeddings,
@@ -10,6 +12,7 @@ because the blocks' outputs and input gradients are all-reduced.
 
 from __future__ import annotations
 
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor.parallel import (
     ColwiseParallel,
@@ -21,17 +24,22 @@ from torch.distributed.tensor.parallel import (
 from trainer.models.base import StagedModel
 
 
-def apply_tensor_parallel(model: StagedModel, *, mesh: DeviceMesh, heads: int) -> None:
-    plan = getattr(model, "TP_PLAN", None)
+def apply_tensor_parallel(
+    model: nn.Module, *, mesh: DeviceMesh, plan: dict[str, str] | None = None, heads: int = 0
+) -> None:
+    """``plan``: submodule → 'colwise' | 'rowwise' (default: the model's TP_PLAN); ``heads``:
+    attention heads the tp degree must divide (0: none to check)."""
+    plan = plan if plan is not None else getattr(model, "TP_PLAN", None)
     if plan is None:
         raise ValueError(
             f"{type(model).__name__} has no tensor-parallel plan; use parallel.tp = 1 "
             "(TP plans exist for the GPT)"
         )
-    if heads % mesh.size():
+    if heads and heads % mesh.size():
         raise ValueError(f"model.heads {heads} is not divisible by parallel.tp {mesh.size()}")
     styles: dict[str, ParallelStyle] = {}
     for name, kind in plan.items():
         styles[name] = ColwiseParallel() if kind == "colwise" else RowwiseParallel()
-    for block in model.blocks.values():
-        parallelize_module(block, mesh, styles)
+    targets = list(model.blocks.values()) if isinstance(model, StagedModel) else [model]
+    for target in targets:
+        parallelize_module(target, mesh, styles)

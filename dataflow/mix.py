@@ -93,18 +93,22 @@ class MixLayout:
         weights: Sequence[float],
         *,
         length: int | None = None,
+        names: Sequence[str] = (),
     ) -> None:
+        """``names`` (one per source) say which source an error is about; default "mix
+        source N"."""
         if not source_sizes or len(source_sizes) != len(weights):
             raise ValueError(
                 f"a mix needs one weight per source, got {len(source_sizes)} sources and "
                 f"{len(weights)} weights"
             )
         totals = [int(sum(sizes)) for sizes in source_sizes]
-        for number, (samples, weight) in enumerate(zip(totals, weights, strict=True)):
+        names = list(names) or [f"mix source {number}" for number in range(len(totals))]
+        for name, samples, weight in zip(names, totals, weights, strict=True):
             if not weight > 0 or not np.isfinite(weight):
-                raise ValueError(f"mix source {number}: weight must be > 0, got {weight}")
+                raise ValueError(f"{name}: weight must be > 0, got {weight}")
             if samples == 0:
-                raise ValueError(f"mix source {number} holds no samples")
+                raise ValueError(f"{name} holds no samples")
         self.total = int(sum(totals)) if length is None else int(length)
         if not 0 < self.total <= MAX_POSITIONS:
             raise ValueError(
@@ -114,8 +118,8 @@ class MixLayout:
         for number, count in enumerate(self.counts.tolist()):
             if count == 0:
                 raise ValueError(
-                    f"mix source {number}: weight {weights[number]} gives it no position in "
-                    f"an epoch of {self.total}; raise its weight"
+                    f"{names[number]}: weight {weights[number]} gives it no position in an "
+                    f"epoch of {self.total}; raise its weight"
                 )
         self.spans: list[SourceSpan] = []
         id_base = read_base = 0

@@ -1,0 +1,257 @@
+"""Where the loader's samples come from: one dataset (``data.url``) or a weighted mix of several
+(``data.mix``), behind one index, one epoch order and one fetcher.
+
+Each dataset is opened as a single one always was: index.json loaded, its sample counts
+checked before anything allocates by them, an empty dataset refused. A mix adds:
+
+- the sources must agree on the shard format and on their fields (names, kinds and column
+  order, which the decoders index by); the first difference is one error naming both URLs;
+- the epoch order is a ``dataflow.mix.MixOrder``, whose shard numbers are *reads* (a shard of
+  a source that wraps inside a mix epoch is read again as another read); ``MixFetcher`` routes
+  a read to its source's own ``ShardFetcher`` (own sample tables, buffer pool and
+  dataset-changed check), and names shards by their full URL in errors;
+- ``dataset_id`` covers every source's shard checksums, the normalised weights and the
+  positions per source, so a checkpoint resumes only into the same mix;
+- delivered samples are counted per source (``Loader.metrics()["mix"]``, by URL).
+
+The combined ``index`` (format, fields, every source's shards, the first source's metadata)
+is what the rest of the loader reads for fields and sizes; its sample count is the length of
+a mix epoch. One dataset is exactly the loader as before: same order, ids and dataset_id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import xxhash
+
+from dataflow import storage
+from dataflow.errors import DataError
+from dataflow.index import INDEX_FILE, DatasetIndex
+from dataflow.metrics import StageMetrics
+from dataflow.mix import MixLayout, MixOrder
+from dataflow.order import EpochOrder, SampleOrder
+from dataflow.pipeline.config import DataConfig
+from dataflow.pipeline.shards import ShardFetcher, ShardView
+from dataflow.storage import StorageConfig
+from dataflow.storage.cache import ShardCache
+
+log = logging.getLogger(__name__)
+
+
+def load_index(root: str, config: StorageConfig) -> DatasetIndex:
+    """A dataset's index, checked before a reader allocates by it; empty is an error."""
+    index = DatasetIndex.load(root, config=config)
+    # Before the epoch order allocates by them (8 bytes per sample of a block of shards).
+    index.check_counts(storage.redact(storage.join_url(root, INDEX_FILE)))
+    if index.num_samples == 0:
+        raise DataError(f"{storage.redact(root)} holds no samples")
+    return index
+
+
+@dataclass(frozen=True)
+class Source:
+    """One opened dataset."""
+
+    root: str
+    """Normalised URL of the dataset root."""
+    index: DatasetIndex
+    weight: float
+
+    @property
+    def name(self) -> str:
+        """The root as messages and metrics show it (credentials redacted)."""
+        return storage.redact(self.root)
+
+
+class Sources:
+    """The dataset(s) of a ``DataConfig``: index, order, fetcher, id (module docstring)."""
+
+    def __init__(self, config: DataConfig, storage_config: StorageConfig) -> None:
+        if not config.url and not config.mix:
+            raise DataError(
+                "data.url is empty", hint="point it at a dataset's root, or list datasets in "
+                "data.mix"
+            )  # fmt: skip
+        self.mixing = bool(config.mix)
+        wanted = [(m.url, m.weight) for m in config.mix] if config.mix else [(config.url, 1.0)]
+        self.sources = []
+        for url, weight in wanted:
+            root = storage.normalize_url(url)
+            self.sources.append(Source(root, load_index(root, storage_config), weight))
+        self.root = self.sources[0].root
+        self.layout: MixLayout | None = None
+        if self.mixing:
+            self._check_alike()
+            try:
+                self.layout = MixLayout(
+                    [[s.samples for s in source.index.shards] for source in self.sources],
+                    [source.weight for source in self.sources],
+                    names=[f"data.mix[{n}] ({s.name})" for n, s in enumerate(self.sources)],
+                )
+            except ValueError as error:
+                raise DataError(str(error)) from None
+            self.index = self._combined_index()
+        else:
+            self.index = self.sources[0].index
+        self.dataset_id = self._dataset_id()
+        self._delivered = np.zeros(len(self.sources), dtype=np.int64)
+        self._delivered_lock = threading.Lock()
+
+    @property
+    def local(self) -> bool:
+        """Every dataset is on a local or parallel file system (no connections to tune)."""
+        return all(storage.is_local(source.root) for source in self.sources)
+
+    @property
+    def num_samples(self) -> int:
+        """Positions in an epoch (a mix epoch: the sum of the sources' sizes)."""
+        return self.index.num_samples
+
+    def describe(self) -> str:
+        """The dataset(s) for messages: a URL, or 'the mix of A, B'."""
+        if not self.mixing:
+            return self.sources[0].name
+        return "the mix of " + ", ".join(source.name for source in self.sources)
+
+    def order(
+        self, epoch: int, *, seed: int, window: int, shuffle: bool, block: int
+    ) -> SampleOrder:
+        """The order of epoch ``epoch``: an ``EpochOrder``, or a ``MixOrder`` whose blocks of
+        positions are ``block`` long (the loader passes the global batch)."""
+        if self.layout is None:
+            sizes = [s.samples for s in self.index.shards]
+            return EpochOrder(sizes, seed=seed, epoch=epoch, window=window, shuffle=shuffle)
+        return MixOrder(self.layout, seed=seed, epoch=epoch, window=window, block=block,
+                        shuffle=shuffle)  # fmt: skip
+
+    def fetcher(
+        self,
+        storage_config: StorageConfig,
+        *,
+        cache: ShardCache | None,
+        metrics: StageMetrics,
+        skip_bad: bool,
+    ) -> ShardFetcher | MixFetcher:
+        fetchers = [
+            ShardFetcher(
+                source.root,
+                source.index,
+                storage_config,
+                cache=cache,
+                metrics=metrics,
+                skip_bad=skip_bad,
+            )
+            for source in self.sources
+        ]
+        if self.layout is None:
+            return fetchers[0]
+        return MixFetcher(self.layout, self.sources, fetchers)
+
+    def count_delivered(self, reads: np.ndarray) -> None:
+        """Count delivered samples by the reads (shard numbers of the order) they came from."""
+        if self.layout is None or not len(reads):
+            return
+        sources, _ = self.layout.locate_reads(reads)
+        counts = np.bincount(sources, minlength=len(self.sources))
+        with self._delivered_lock:
+            self._delivered += counts
+
+    def delivered(self) -> dict[str, int]:
+        """Samples delivered per source URL since the loader started (a mix only)."""
+        with self._delivered_lock:
+            counts = self._delivered.tolist()
+        return {source.name: int(count) for source, count in zip(self.sources, counts, strict=True)}
+
+    # -----------------------------------------------------------------------------------------
+
+    def _check_alike(self) -> None:
+        first = self.sources[0]
+        for other in self.sources[1:]:
+            if other.index.format != first.index.format:
+                raise DataError(
+                    f"data.mix: {other.name} holds {other.index.format} shards, {first.name} "
+                    f"{first.index.format} shards; a mix needs one format",
+                    hint="convert both with the same --format",
+                )
+            mine = [(f.name, f.kind) for f in first.index.fields]
+            theirs = [(f.name, f.kind) for f in other.index.fields]
+            if mine != theirs:
+                missing = sorted(set(mine) - set(theirs))
+                extra = sorted(set(theirs) - set(mine))
+                what = (f"lacks {missing} and adds {extra}" if missing or extra
+                        else "lists them in another order")  # fmt: skip
+                raise DataError(
+                    f"data.mix: the fields of {other.name} differ from those of {first.name}: "
+                    f"it {what} (fields as (name, kind): {theirs} vs {mine})",
+                    hint="mix datasets converted with the same fields, e.g. re-convert one of them",
+                )
+
+    def _combined_index(self) -> DatasetIndex:
+        """Every source's shards (paths as full URLs) under the first source's fields."""
+        first = self.sources[0]
+        shards = [
+            dataclasses.replace(entry, path=storage.join_url(source.name, entry.path))
+            for source in self.sources
+            for entry in source.index.shards
+        ]
+        classes = [source.index.metadata.get("classes") for source in self.sources]
+        if any(c != classes[0] for c in classes):
+            log.warning("data.mix: the datasets' class lists differ; labels are used as "
+                        "stored, and metadata (class names) is that of %s", first.name)  # fmt: skip
+        return dataclasses.replace(first.index, shards=shards, skipped=[])
+
+    def _dataset_id(self) -> str:
+        if len(self.sources) == 1:  # as before mixing existed (a mix of one is that order)
+            checksums = "".join(s.checksum for s in self.index.shards)
+            return xxhash.xxh64(checksums.encode()).hexdigest()
+        assert self.layout is not None
+        digest = xxhash.xxh64()
+        for source, count in zip(self.sources, self.layout.counts.tolist(), strict=True):
+            digest.update("".join(s.checksum for s in source.index.shards).encode())
+            digest.update(f"|{count}|".encode())
+        return "mix-" + digest.hexdigest()
+
+
+class MixFetcher:
+    """``ShardFetcher``'s interface over a mix: a read number → its source's fetcher."""
+
+    def __init__(
+        self, layout: MixLayout, sources: Sequence[Source], fetchers: Sequence[ShardFetcher]
+    ) -> None:
+        self.layout = layout
+        self.sources = list(sources)
+        self.fetchers = list(fetchers)
+
+    @property
+    def config(self) -> StorageConfig:
+        return self.fetchers[0].config
+
+    @config.setter
+    def config(self, value: StorageConfig) -> None:  # autotune raises connections for all
+        for fetcher in self.fetchers:
+            fetcher.config = value
+
+    @property
+    def refetched(self) -> int:
+        return sum(fetcher.refetched for fetcher in self.fetchers)
+
+    def fetch(self, read: int) -> ShardView:
+        sources, shards = self.layout.locate_reads(np.asarray([read]))
+        source, shard = int(sources[0]), int(shards[0])
+        view = self.fetchers[source].fetch(shard)
+        # Errors and skip records name the shard with its dataset: two sources may both
+        # hold a shard-000000.tar.
+        url = storage.join_url(self.sources[source].name, view.entry.path)
+        return dataclasses.replace(
+            view, number=read, entry=dataclasses.replace(view.entry, path=url)
+        )
+
+    def check_index_unchanged(self) -> None:
+        for fetcher in self.fetchers:
+            fetcher.check_index_unchanged()

@@ -451,8 +451,8 @@ class Trainer:
         """Loss and the task's metrics on ``train.eval_url``, over all ranks."""
         config = self.config
         held_out = dataclasses.replace(
-            config.data, url=config.train.eval_url, shuffle=False, image_pipeline="eval",
-            drop_last=False, audit=False,
+            config.data, url=config.train.eval_url, mix=[], shuffle=False,
+            image_pipeline="eval", drop_last=False, audit=False,
         )  # fmt: skip
         layout = self.layout
         loader = Loader(held_out, config.storage, rank=layout.dp_rank, world_size=layout.dp_world)

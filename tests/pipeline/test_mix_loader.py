@@ -9,7 +9,10 @@ second epoch starts inside the first mix epoch), and 30 of the 40 others.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +44,7 @@ from .loader_support import (
 if TYPE_CHECKING:
     from conftest import S3Bucket
 
+ROOT = Path(__file__).resolve().parents[2]
 WEIGHTS = (0.7, 0.3)
 GLOBAL_BATCH = 10
 EPOCH = 100  # positions: 60 + 40
@@ -272,3 +276,26 @@ def test_a_mix_on_s3_holds_the_weights_and_resumes(
     assert loader.metrics()["mix"] == {urls[0]: 70, urls[1]: 30}
     loader.close()
     assert_resumes_exactly(make_loader, midpoints=[4], n_next=4)
+
+
+@pytest.mark.timeout(180)
+def test_the_trainer_trains_on_a_mix_and_evaluates_on_eval_url(
+    photos: str, others: str, tmp_path: Path
+) -> None:
+    """``python -m trainer.train`` with data.mix on the command line: one epoch (10 steps),
+    then the held-out pass, whose loader takes train.eval_url in place of the mix."""
+    mix = f'[{{url = "{photos}", weight = 0.7}}, {{url = "{others}", weight = 0.3}}]'
+    command = [
+        sys.executable, "-m", "trainer.train", "--config=configs/demo.toml", "--data.url=",
+        f"--data.mix={mix}", "--data.decode_backend=cpu", f"--data.global_batch={GLOBAL_BATCH}",
+        f"--train.eval_url={others}", "--train.epochs=1", f"--train.out_dir={tmp_path}",
+        "--train.progress=false", "--data.audit=false",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=150,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    end = records[-1]
+    assert end["event"] == "end" and end["steps"] == EPOCH // GLOBAL_BATCH
+    assert end["eval"]["targets"] == 40  # the held-out pass read the other photos alone
+    assert 'mix = [{url = "' in (tmp_path / "config.toml").read_text()

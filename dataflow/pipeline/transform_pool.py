@@ -62,9 +62,8 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import torch
@@ -105,8 +104,7 @@ class TransformWorkerError(RuntimeError):
 # order of a strided big-endian array and keeps a Fortran array's order.
 
 
-@dataclass(frozen=True, slots=True)
-class _SharedArray:
+class _SharedArray(NamedTuple):  # named tuples: pickled ~3× faster than dataclasses
     offset: int
     dtype: np.dtype[Any]
     shape: tuple[int, ...]
@@ -114,8 +112,7 @@ class _SharedArray:
     inline: bytearray | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _SharedTensor:
+class _SharedTensor(NamedTuple):
     offset: int
     nbytes: int
     dtype: str  # torch dtype name, e.g. "bfloat16"
@@ -123,8 +120,7 @@ class _SharedTensor:
     inline: bytearray | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class _SharedBytes:
+class _SharedBytes(NamedTuple):
     offset: int
     nbytes: int
     kind: type  # bytes, bytearray or memoryview
@@ -358,6 +354,10 @@ class _Worker:
         shm_bytes: int,
         number: int,
     ) -> None:
+        self.ready = False
+        """True once the worker said it loaded the transform."""
+        self._released = False
+        self._release_lock = threading.Lock()
         tag = f"{SHM_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{number}"
         self.input = SharedMemory(f"{tag}-in", create=True, size=shm_bytes)
         try:
@@ -377,10 +377,8 @@ class _Worker:
         except BaseException:
             self.release()
             raise
-        child.close()
-        self.ready = False
-        self._released = False
-        self._release_lock = threading.Lock()
+        finally:
+            child.close()  # only the worker holds its end now: its death reads as EOF here
 
     def stop(self) -> None:
         """Kill the process and unlink the segments, for ``close()`` while another thread
@@ -601,11 +599,17 @@ class ProcessTransformRunner:
                 f"sample_transform {self.name}: the process pool was closed while a chunk "
                 f"of {count} samples was in a worker"
             )
+        code = worker.process.exitcode
+        if not worker.ready:
+            why = "before it had loaded the transform; its error is on stderr above"
+        elif code is not None and code < 0:
+            why = "a crash in native code, or the kernel's OOM killer (dmesg tells)"
+        else:
+            why = "the transform or its libraries ended the process (sys.exit, os._exit?)"
         return TransformWorkerError(
             f"sample_transform {self.name}: worker process {worker.process.pid} died "
-            f"({_exit_description(worker.process.exitcode)}) while transforming a chunk of "
-            f"{count} samples; a crash in native code or the kernel's OOM killer are the "
-            "usual causes (check dmesg). A fresh worker replaces it"
+            f"({_exit_description(code)}) while transforming a chunk of {count} samples: "
+            f"{why}. A fresh worker replaces it"
         )
 
     def _count_pickled(self) -> None:

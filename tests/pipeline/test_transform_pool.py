@@ -94,6 +94,21 @@ def slow_identity(sample: dict[str, Any], rng: np.random.Generator) -> dict[str,
     return sample
 
 
+def _unavailable() -> None:
+    raise RuntimeError("this transform needs a licence server the workers cannot reach")
+
+
+class LoadsOnlyHere:
+    """A callable object whose unpickling fails: as a transform whose state cannot be
+    rebuilt in a worker process."""
+
+    def __call__(self, sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+        return sample
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unavailable, ())
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 
@@ -278,6 +293,15 @@ def test_a_transform_workers_cannot_import_is_refused(transform: Callable[..., A
 def test_a_bad_transform_name_names_the_setting() -> None:
     with pytest.raises(ValueError, match=r"data\.sample_transform = 'no_such_module:fn'"):
         ProcessTransformRunner("no_such_module:fn", workers=1)
+
+
+def test_a_transform_the_workers_cannot_load_is_an_error_naming_it() -> None:
+    samples: list[dict[str, Any]] = [{"__key__": "0"}]
+    with (
+        ProcessTransformRunner(LoadsOnlyHere(), workers=1) as runner,
+        pytest.raises(TransformWorkerError, match=r"could not load it.*licence server"),
+    ):
+        runner.run(samples, seeds_for(samples))
 
 
 # ---------------------------------------------------------------------------------------------

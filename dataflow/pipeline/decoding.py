@@ -30,15 +30,16 @@ import torch
 
 from dataflow.decode.dali import DaliDecodeError, DaliImageDecoder
 from dataflow.decode.image import ImageAugment, crop_box, dali_image_size, decode_augment_into
-from dataflow.errors import BadSampleError
+from dataflow.errors import BadSampleError, DataError
 from dataflow.formats import codec
 from dataflow.formats.codec import check_image
 from dataflow.formats.parquet import decode_column_value
 from dataflow.index import Field
 from dataflow.metrics import StageMetrics
+from dataflow.pipeline.config import DataConfig
 from dataflow.pipeline.fields import FieldDecoders
 from dataflow.pipeline.shards import ShardView
-from dataflow.pipeline.transform import TransformFailure, TransformRunner
+from dataflow.pipeline.transform import TransformFailure, TransformRunner, UserCode
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,36 @@ def _decodes(data: bytes | memoryview) -> bool:
         return True
     except ValueError:
         return False
+
+
+def make_dali_decoder(
+    config: DataConfig,
+    *,
+    batch: int,
+    device: torch.device | None,
+    images: bool,
+    user_code: UserCode,
+) -> DaliImageDecoder | None:
+    """DALI for data.decode_backend = "dali" (None otherwise, or without images). DALI
+    crops ("train", "eval"); a sample transform or collate then runs on its CPU output."""
+    if config.decode_backend != "dali" or not images:
+        return None
+    if config.image_pipeline not in ("train", "eval"):
+        raise DataError(
+            f"data.decode_backend = 'dali' crops images (image_pipeline 'train' or 'eval'); "
+            f"data.image_pipeline = {config.image_pipeline!r} needs data.decode_backend = 'cpu'"
+        )
+    if config.decode_device == "gpu" and (user_code.sample_transform or user_code.collate):
+        raise DataError(
+            "a sample_transform or collate runs on the CPU, but data.decode_device = 'gpu' "
+            "leaves DALI's images on the GPU; use decode_device = 'cpu', or a batch_transform "
+            "(it gets the batch on the GPU)"
+        )
+    return DaliImageDecoder(
+        max_batch=batch, size=config.image_size, threads=config.decode_workers,
+        device=config.decode_device, device_id=device.index if device is not None else None,
+        hw_decoder_load=config.hw_decoder_load,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True, kw_only=True)

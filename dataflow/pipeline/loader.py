@@ -63,29 +63,30 @@ from typing import Any, Final
 
 import numpy as np
 import torch
+import xxhash
 
-from dataflow.decode.dali import DaliImageDecoder
+from dataflow import storage
 from dataflow.decode.image import ImageAugment, sample_draws
 from dataflow.errors import DataError, TooManySkipsError
+from dataflow.index import INDEX_FILE, DatasetIndex
 from dataflow.metrics import PipelineMetrics
-from dataflow.order import num_batches, rank_batch, samples_due
+from dataflow.order import EpochOrder, num_batches, rank_batch, samples_due
 from dataflow.pipeline.audit import AuditLog
 from dataflow.pipeline.autotune import Gate, ReadAheadTuner, Setting, Totals
 from dataflow.pipeline.buffers import BufferPool
 from dataflow.pipeline.collate import assemble
 from dataflow.pipeline.config import DataConfig
-from dataflow.pipeline.decoding import BatchDecoder, DecodeContext, Job
+from dataflow.pipeline.decoding import BatchDecoder, DecodeContext, Job, make_dali_decoder
 from dataflow.pipeline.device import prefetch_to_device
 from dataflow.pipeline.fields import FieldDecoders
 from dataflow.pipeline.readahead import ReadAhead
-from dataflow.pipeline.shards import ShardView
-from dataflow.pipeline.sources import Sources
+from dataflow.pipeline.shards import ShardFetcher, ShardView
 from dataflow.pipeline.transform import (
     BatchTransform,
     Collate,
     SampleTransform,
     TransformRunner,
-    load_callable,
+    UserCode,
     make_transform_runner,
 )
 from dataflow.storage import StorageConfig
@@ -136,6 +137,8 @@ class Loader:
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
+        if not config.url:
+            raise DataError("data.url is empty", hint="point it at a dataset's root")
         self.config = config
         self.storage_config = storage_config or StorageConfig()
         self.rank, self.world_size = resolve_rank(rank, world_size)
@@ -149,14 +152,17 @@ class Loader:
                 f"data.global_batch {config.global_batch} does not split over "
                 f"{self.world_size} ranks; choose a multiple of the world size"
             )
-        self.sources = Sources(config, self.storage_config)  # data.url, or data.mix
-        self.root = self.sources.root
-        self.index = self.sources.index
+        self.root = storage.normalize_url(config.url)
+        self.index = DatasetIndex.load(self.root, config=self.storage_config)
+        # Before the epoch order allocates by them (8 bytes per sample of a block of shards).
+        self.index.check_counts(storage.redact(storage.join_url(self.root, INDEX_FILE)))
+        if self.index.num_samples == 0:
+            raise DataError(f"{storage.redact(self.root)} holds no samples")
         if config.drop_last and self.index.num_samples < config.global_batch:
             # Every epoch would be empty: a loop waiting for a batch would wait forever.
             raise DataError(
                 f"data.global_batch = {config.global_batch} is more than the "
-                f"{self.index.num_samples} samples of {self.sources.describe()}, so with "
+                f"{self.index.num_samples} samples of {storage.redact(self.root)}, so with "
                 "data.drop_last every epoch has no batch",
                 hint=f"lower data.global_batch to at most {self.index.num_samples}, or set "
                 "data.drop_last = false",
@@ -176,22 +182,15 @@ class Loader:
             train=config.image_pipeline == "train",
         )
         self.field_decoders = FieldDecoders([(f.name, f.kind) for f in self.index.fields])
-        # A callable given here wins over the config's path; a bad path fails now, naming
-        # its key, not at the first batch.
-        self._sample_transform: SampleTransform | str | None = sample_transform or (
-            config.sample_transform or None
-        )
-        if config.sample_transform and sample_transform is None:
-            load_callable(config.sample_transform, setting="data.sample_transform")
-        self.batch_transform: BatchTransform | None = batch_transform or (
-            load_callable(config.batch_transform, setting="data.batch_transform")
-            if config.batch_transform else None
+        self.user_code = UserCode.resolve(
+            config, sample_transform=sample_transform, batch_transform=batch_transform,
+            collate=collate,
         )  # fmt: skip
-        self.collate: Collate | None = collate or (
-            load_callable(config.collate, setting="data.collate") if config.collate else None
-        )
         self._runner: TransformRunner | None = None  # started on first use, closed by close()
-        self.dataset_id = self.sources.dataset_id
+        self.dataset_id = xxhash.xxh64(
+            "".join(s.checksum for s in self.index.shards).encode()
+        ).hexdigest()
+        self.sizes = [s.samples for s in self.index.shards]
         self.epoch = 0
         self.step = 0
         self.skipped: list[tuple[int, str, str]] = []
@@ -200,9 +199,8 @@ class Loader:
         self._fetch_stage = self.metrics_.stage("fetch", config.fetch_workers)
         self._decode_stage = self.metrics_.stage("decode", config.decode_workers)
         self._transform_stage = (
-            self.metrics_.stage("transform", config.decode_workers
-                                if config.transform_pool == "thread" else config.transform_workers)
-            if self._sample_transform is not None else None
+            self.metrics_.stage("transform", config.transform_workers)
+            if self.user_code.sample_transform is not None else None
         )  # fmt: skip
         self._queue: queue.Queue[Any] | None = None
         self._batch_stage = self.metrics_.stage(
@@ -210,9 +208,9 @@ class Loader:
         )
         cache = ShardCache(config.cache_dir, config.cache_bytes) if config.cache_dir else None
         self.cache = cache
-        self._fetcher = self.sources.fetcher(
-            self.storage_config, cache=cache, metrics=self._fetch_stage,
-            skip_bad=config.on_bad_sample == "skip",
+        self._fetcher = ShardFetcher(
+            self.root, self.index, self.storage_config, cache=cache,
+            metrics=self._fetch_stage, skip_bad=config.on_bad_sample == "skip",
         )  # fmt: skip
         self._audit = (
             AuditLog(os.path.join(config.out_dir, "audit", f"rank-{self.rank}.tsv"))
@@ -224,7 +222,7 @@ class Loader:
         self.autotuner: ReadAheadTuner | None = None
         if config.autotune:
             connections = self.storage_config.connections
-            local = self.sources.local  # local reads have no connections to add
+            local = storage.is_local(self.root)  # local reads have no connections to add
             self.autotuner = ReadAheadTuner(
                 Setting(config.readahead_shards, config.fetch_workers, connections),
                 shard_bytes=sum(s.bytes for s in self.index.shards) / len(self.index.shards),
@@ -244,15 +242,10 @@ class Loader:
                     f"data.device = {config.device!r} but CUDA is not available here; "
                     "leave it empty to stay on the CPU"
                 )
-        self.dali: DaliImageDecoder | None = None
-        if config.decode_backend == "dali" and self.image_fields:
-            self._check_dali_can_run()
-            device_id = self.device.index if self.device is not None else None
-            self.dali = DaliImageDecoder(
-                max_batch=self.per_rank_batch, size=config.image_size,
-                threads=config.decode_workers, device=config.decode_device, device_id=device_id,
-                hw_decoder_load=config.hw_decoder_load,
-            )  # fmt: skip
+        self.dali = make_dali_decoder(
+            config, batch=self.per_rank_batch, device=self.device,
+            images=bool(self.image_fields), user_code=self.user_code,
+        )  # fmt: skip
         # Pinned when batches go to a GPU: the copy then runs asynchronously on a side stream.
         on_gpu = self.device is not None and self.device.type == "cuda"
         self._buffers = BufferPool(pinned=on_gpu)
@@ -322,8 +315,6 @@ class Loader:
         snapshot = self.metrics_.snapshot()
         if self.autotuner is not None:
             snapshot["autotune"] = self.autotuner.report()
-        if self.sources.mixing:
-            snapshot["mix"] = self.sources.delivered()
         return snapshot
 
     def __iter__(self) -> Iterator[Batch]:
@@ -414,27 +405,12 @@ class Loader:
     # -----------------------------------------------------------------------------------------
     # Stages
 
-    def _check_dali_can_run(self) -> None:
-        """DALI decodes the train/eval crops; a transform runs on its output on the CPU."""
-        config = self.config
-        if config.image_pipeline not in ("train", "eval"):
-            raise DataError(
-                f"data.decode_backend = 'dali' crops images (image_pipeline 'train' or "
-                f"'eval'); data.image_pipeline = {config.image_pipeline!r} needs "
-                "data.decode_backend = 'cpu'"
-            )
-        if config.decode_device == "gpu" and (self._sample_transform or self.collate):
-            raise DataError(
-                "a sample_transform or collate runs on the CPU, but data.decode_device = "
-                "'gpu' leaves DALI's images on the GPU; use decode_device = 'cpu', or a "
-                "batch_transform (it gets the batch on the GPU)"
-            )
-
     def _transform_runner(self) -> TransformRunner | None:
         """The sample transform's runner, started on first use and kept until close()."""
-        if self._sample_transform is not None and self._runner is None:
+        transform = self.user_code.sample_transform
+        if transform is not None and self._runner is None:
             self._runner = make_transform_runner(
-                self._sample_transform, pool=self.config.transform_pool,
+                transform, pool=self.config.transform_pool,
                 workers=self.config.transform_workers, setting="data.sample_transform",
             )  # fmt: skip
         return self._runner
@@ -450,7 +426,7 @@ class Loader:
             skip_keys=frozenset(k for k in self._skip_keys if k[0] == epoch),
             stage=self._decode_stage, seed=self.config.seed, runner=runner,
             transform_stage=self._transform_stage,
-            samples_out=runner is not None or self.collate is not None, dali=self.dali,
+            samples_out=runner is not None or self.user_code.collate is not None, dali=self.dali,
         )  # fmt: skip
 
 
@@ -461,9 +437,9 @@ class _Run:
         self.loader = loader
         config = loader.config
         self.epoch = epoch
-        self.order = loader.sources.order(
-            epoch, seed=config.seed, window=config.shuffle_window, shuffle=config.shuffle,
-            block=config.global_batch,
+        self.order = EpochOrder(
+            loader.sizes, seed=config.seed, epoch=epoch, window=config.shuffle_window,
+            shuffle=config.shuffle,
         )  # fmt: skip
         self.steps = len(loader)
         self.start_step = start_step
@@ -576,10 +552,8 @@ class _Run:
                 chunk.result()
             stall = time.perf_counter() - waited
             with loader._batch_stage.busy(items=1):
-                batch = assemble(job, label_field=loader.label_field, collate=loader.collate,
-                                 batch_transform=loader.batch_transform)  # fmt: skip
+                batch = assemble(job, label_field=loader.label_field, user_code=loader.user_code)
             loader.metrics_.consumed(samples=len(batch["__key__"]), stall_s=stall)
-            loader.sources.count_delivered(job.shards[job.ok & job.valid])
             for skip in job.skips:
                 loader.skipped.append(skip)
                 loader._skip_keys.add(skip[:2])

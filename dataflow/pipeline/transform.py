@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from dataflow.config import ConfigError
+from dataflow.pipeline.config import DataConfig
 
 SampleTransform = Callable[[dict[str, Any], np.random.Generator], dict[str, Any]]
 BatchTransform = Callable[[dict[str, Any]], dict[str, Any]]
@@ -198,3 +199,32 @@ def make_transform_runner(
 
         return ProcessTransformRunner(transform, workers=workers)
     raise ConfigError(f"data.transform_pool = {pool!r}: choose 'thread' or 'process'")
+
+
+@dataclass(frozen=True)
+class UserCode:
+    """The user's callables of one loader: given to the Loader, else named in the config."""
+
+    sample_transform: SampleTransform | str | None
+    """The callable, or its path (a process pool's workers import it by that)."""
+    batch_transform: BatchTransform | None
+    collate: Collate | None
+
+    @classmethod
+    def resolve(
+        cls,
+        config: DataConfig,
+        *,
+        sample_transform: SampleTransform | None,
+        batch_transform: BatchTransform | None,
+        collate: Collate | None,
+    ) -> UserCode:
+        """A callable given in code wins over the config's path; a bad path fails here,
+        at construction, naming its key, not at the first batch."""
+        if sample_transform is None and config.sample_transform:
+            load_callable(config.sample_transform, setting="data.sample_transform")
+        if batch_transform is None and config.batch_transform:
+            batch_transform = load_callable(config.batch_transform, setting="data.batch_transform")
+        if collate is None and config.collate:
+            collate = load_callable(config.collate, setting="data.collate")
+        return cls(sample_transform or config.sample_transform or None, batch_transform, collate)

@@ -245,3 +245,23 @@ def test_eval_crops_reach_the_transform(photos: str) -> None:
     for want, got in zip(plain, seen, strict=True):
         images = np.stack([s["image"] for s in got["samples"]])
         assert np.array_equal(images, want.images.numpy())
+
+
+def test_a_transform_runs_on_dalis_output(photos: str) -> None:
+    pytest.importorskip("nvidia.dali")
+
+    def run(**options: Any) -> list[dict[str, Any]]:
+        loader = make(photos, global_batch=12, decode_backend="dali", decode_workers=1, **options)
+        batches = batches_of(loader, 3)
+        loader.close()
+        return batches
+
+    plain = run()
+    transformed = run(collate=user_transforms.samples_as_batch)
+    for want, got in zip(plain, transformed, strict=True):
+        images = np.stack([s["image"] for s in got["samples"]])
+        assert np.array_equal(images, want["image"].numpy())
+    noisy = run(sample_transform=NOISY)
+    again = run(sample_transform=NOISY)
+    assert_same(again, noisy, "DALI + transform, twice")
+    assert noisy[0]["image"].shape == (12, 24, 24, 3)

@@ -63,14 +63,11 @@ from typing import Any, Final
 
 import numpy as np
 import torch
-import xxhash
 
-from dataflow import storage
 from dataflow.decode.image import ImageAugment, sample_draws
 from dataflow.errors import DataError, TooManySkipsError
-from dataflow.index import INDEX_FILE, DatasetIndex
 from dataflow.metrics import PipelineMetrics
-from dataflow.order import EpochOrder, num_batches, rank_batch, samples_due
+from dataflow.order import num_batches, rank_batch, samples_due
 from dataflow.pipeline.audit import AuditLog
 from dataflow.pipeline.autotune import Gate, ReadAheadTuner, Setting, Totals
 from dataflow.pipeline.buffers import BufferPool
@@ -80,7 +77,8 @@ from dataflow.pipeline.decoding import BatchDecoder, DecodeContext, Job, make_da
 from dataflow.pipeline.device import prefetch_to_device
 from dataflow.pipeline.fields import FieldDecoders
 from dataflow.pipeline.readahead import ReadAhead
-from dataflow.pipeline.shards import ShardFetcher, ShardView
+from dataflow.pipeline.shards import ShardView
+from dataflow.pipeline.sources import Sources
 from dataflow.pipeline.transform import (
     BatchTransform,
     Collate,
@@ -137,8 +135,6 @@ class Loader:
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
-        if not config.url:
-            raise DataError("data.url is empty", hint="point it at a dataset's root")
         self.config = config
         self.storage_config = storage_config or StorageConfig()
         self.rank, self.world_size = resolve_rank(rank, world_size)
@@ -152,17 +148,14 @@ class Loader:
                 f"data.global_batch {config.global_batch} does not split over "
                 f"{self.world_size} ranks; choose a multiple of the world size"
             )
-        self.root = storage.normalize_url(config.url)
-        self.index = DatasetIndex.load(self.root, config=self.storage_config)
-        # Before the epoch order allocates by them (8 bytes per sample of a block of shards).
-        self.index.check_counts(storage.redact(storage.join_url(self.root, INDEX_FILE)))
-        if self.index.num_samples == 0:
-            raise DataError(f"{storage.redact(self.root)} holds no samples")
+        self.sources = Sources(config, self.storage_config)  # data.url, or data.mix
+        self.root = self.sources.root
+        self.index = self.sources.index
         if config.drop_last and self.index.num_samples < config.global_batch:
             # Every epoch would be empty: a loop waiting for a batch would wait forever.
             raise DataError(
                 f"data.global_batch = {config.global_batch} is more than the "
-                f"{self.index.num_samples} samples of {storage.redact(self.root)}, so with "
+                f"{self.index.num_samples} samples of {self.sources.describe()}, so with "
                 "data.drop_last every epoch has no batch",
                 hint=f"lower data.global_batch to at most {self.index.num_samples}, or set "
                 "data.drop_last = false",
@@ -187,10 +180,7 @@ class Loader:
             collate=collate,
         )  # fmt: skip
         self._runner: TransformRunner | None = None  # started on first use, closed by close()
-        self.dataset_id = xxhash.xxh64(
-            "".join(s.checksum for s in self.index.shards).encode()
-        ).hexdigest()
-        self.sizes = [s.samples for s in self.index.shards]
+        self.dataset_id = self.sources.dataset_id
         self.epoch = 0
         self.step = 0
         self.skipped: list[tuple[int, str, str]] = []
@@ -208,9 +198,9 @@ class Loader:
         )
         cache = ShardCache(config.cache_dir, config.cache_bytes) if config.cache_dir else None
         self.cache = cache
-        self._fetcher = ShardFetcher(
-            self.root, self.index, self.storage_config, cache=cache,
-            metrics=self._fetch_stage, skip_bad=config.on_bad_sample == "skip",
+        self._fetcher = self.sources.fetcher(
+            self.storage_config, cache=cache, metrics=self._fetch_stage,
+            skip_bad=config.on_bad_sample == "skip",
         )  # fmt: skip
         self._audit = (
             AuditLog(os.path.join(config.out_dir, "audit", f"rank-{self.rank}.tsv"))
@@ -222,7 +212,7 @@ class Loader:
         self.autotuner: ReadAheadTuner | None = None
         if config.autotune:
             connections = self.storage_config.connections
-            local = storage.is_local(self.root)  # local reads have no connections to add
+            local = self.sources.local  # local reads have no connections to add
             self.autotuner = ReadAheadTuner(
                 Setting(config.readahead_shards, config.fetch_workers, connections),
                 shard_bytes=sum(s.bytes for s in self.index.shards) / len(self.index.shards),
@@ -315,6 +305,8 @@ class Loader:
         snapshot = self.metrics_.snapshot()
         if self.autotuner is not None:
             snapshot["autotune"] = self.autotuner.report()
+        if self.sources.mixing:
+            snapshot["mix"] = self.sources.delivered()
         return snapshot
 
     def __iter__(self) -> Iterator[Batch]:
@@ -437,9 +429,9 @@ class _Run:
         self.loader = loader
         config = loader.config
         self.epoch = epoch
-        self.order = EpochOrder(
-            loader.sizes, seed=config.seed, epoch=epoch, window=config.shuffle_window,
-            shuffle=config.shuffle,
+        self.order = loader.sources.order(
+            epoch, seed=config.seed, window=config.shuffle_window, shuffle=config.shuffle,
+            block=config.global_batch,
         )  # fmt: skip
         self.steps = len(loader)
         self.start_step = start_step
@@ -554,6 +546,7 @@ class _Run:
             with loader._batch_stage.busy(items=1):
                 batch = assemble(job, label_field=loader.label_field, user_code=loader.user_code)
             loader.metrics_.consumed(samples=len(batch["__key__"]), stall_s=stall)
+            loader.sources.count_delivered(job.shards[job.ok & job.valid])
             for skip in job.skips:
                 loader.skipped.append(skip)
                 loader._skip_keys.add(skip[:2])

@@ -4,14 +4,16 @@
 Each dataset is opened as a single one always was: index.json loaded, its sample counts
 checked before anything allocates by them, an empty dataset refused. A mix adds:
 
-- the sources must agree on the shard format and on their fields (names, kinds and column
-  order, which the decoders index by); the first difference is one error naming both URLs;
+- the sources must agree on the shard format and on their fields by name and kind, but for
+  an image field's name (png in one, jpg in another: both arrive as ``image``); a tar
+  source's columns are reordered to the first source's, which the decoders index by; the
+  first difference is one error naming both URLs;
 - the epoch order is a ``dataflow.mix.MixOrder``, whose shard numbers are *reads* (a shard of
   a source that wraps inside a mix epoch is read again as another read); ``MixFetcher`` routes
   a read to its source's own ``ShardFetcher`` (own sample tables, buffer pool and
   dataset-changed check), and names shards by their full URL in errors;
-- ``dataset_id`` covers every source's shard checksums, the normalised weights and the
-  positions per source, so a checkpoint resumes only into the same mix;
+- ``dataset_id`` covers every source's shard checksums and its positions per mix epoch
+  (what the weights decide), so a checkpoint resumes only into the same mix;
 - delivered samples are counted per source (``Loader.metrics()["mix"]``, by URL).
 
 The combined ``index`` (format, fields, every source's shards, the first source's metadata)
@@ -86,8 +88,9 @@ class Sources:
             self.sources.append(Source(root, load_index(root, storage_config), weight))
         self.root = self.sources[0].root
         self.layout: MixLayout | None = None
+        self.columns: list[np.ndarray | None] = [None]
         if self.mixing:
-            self._check_alike()
+            self.columns = self._field_columns()
             try:
                 self.layout = MixLayout(
                     [[s.samples for s in source.index.shards] for source in self.sources],
@@ -151,7 +154,7 @@ class Sources:
         ]
         if self.layout is None:
             return fetchers[0]
-        return MixFetcher(self.layout, self.sources, fetchers)
+        return MixFetcher(self.layout, self.sources, fetchers, self.columns)
 
     def count_delivered(self, reads: np.ndarray) -> None:
         """Count delivered samples by the reads (shard numbers of the order) they came from."""
@@ -170,27 +173,60 @@ class Sources:
 
     # -----------------------------------------------------------------------------------------
 
-    def _check_alike(self) -> None:
+    def _field_columns(self) -> list[np.ndarray | None]:
+        """Per source, the column holding each field of the mix (the first source's fields,
+        in its column order), or None where the columns already line up.
+
+        Fields match by name and must have the same kind; an image field may have another
+        name (png in one, jpg in the other: both arrive as ``image``). Tar samples are found
+        by column, so a source's columns are reordered to the mix's; Parquet rows are read
+        by column name, so there the names must agree. Anything else is one error naming
+        both URLs."""
         first = self.sources[0]
+        fields = first.index.fields
+        names = {f.name for f in fields}
+        columns: list[np.ndarray | None] = [None]
         for other in self.sources[1:]:
+            where = f"data.mix: {other.name} and {first.name}"
             if other.index.format != first.index.format:
                 raise DataError(
-                    f"data.mix: {other.name} holds {other.index.format} shards, {first.name} "
-                    f"{first.index.format} shards; a mix needs one format",
-                    hint="convert both with the same --format",
+                    f"{where} hold {other.index.format} and {first.index.format} shards; a "
+                    "mix needs one format",
+                    hint="convert them with the same --format",
                 )
-            mine = [(f.name, f.kind) for f in first.index.fields]
-            theirs = [(f.name, f.kind) for f in other.index.fields]
-            if mine != theirs:
-                missing = sorted(set(mine) - set(theirs))
-                extra = sorted(set(theirs) - set(mine))
-                what = (f"lacks {missing} and adds {extra}" if missing or extra
-                        else "lists them in another order")  # fmt: skip
+            theirs = {f.name: (column, f.kind) for column, f in enumerate(other.index.fields)}
+            unmatched_images = [f.name for f in other.index.fields
+                                if f.kind == "image" and f.name not in names]  # fmt: skip
+            mapping = []
+            for field in fields:
+                if field.name in theirs:
+                    column, kind = theirs[field.name]
+                    if kind != field.kind:
+                        raise DataError(f"data.mix: field {field.name!r} is {kind} in "
+                                        f"{other.name}, {field.kind} in {first.name}")  # fmt: skip
+                elif field.kind == "image" and len(unmatched_images) == 1:
+                    name = unmatched_images.pop()
+                    column = theirs[name][0]
+                    if other.index.format == "parquet":
+                        raise DataError(
+                            f"{where} name their image column {name!r} and {field.name!r}; "
+                            "Parquet rows are read by column name, so a mix needs one name",
+                            hint="convert them with the same image column name",
+                        )
+                else:
+                    raise DataError(f"data.mix: {other.name} lacks field {field.name!r} "
+                                    f"({field.kind}) that {first.name} has",
+                                    hint="mix datasets converted with the same fields")  # fmt: skip
+                mapping.append(column)
+            extra = sorted(set(theirs) - {other.index.fields[c].name for c in mapping})
+            if extra:
                 raise DataError(
-                    f"data.mix: the fields of {other.name} differ from those of {first.name}: "
-                    f"it {what} (fields as (name, kind): {theirs} vs {mine})",
-                    hint="mix datasets converted with the same fields, e.g. re-convert one of them",
+                    f"data.mix: {other.name} has fields {extra} that {first.name} lacks",
+                    hint="mix datasets converted with the same fields",
                 )
+            identity = mapping == list(range(len(mapping)))
+            columns.append(None if identity else np.asarray(mapping, dtype=np.int64))
+        return columns
 
     def _combined_index(self) -> DatasetIndex:
         """Every source's shards (paths as full URLs) under the first source's fields."""
@@ -222,11 +258,17 @@ class MixFetcher:
     """``ShardFetcher``'s interface over a mix: a read number → its source's fetcher."""
 
     def __init__(
-        self, layout: MixLayout, sources: Sequence[Source], fetchers: Sequence[ShardFetcher]
+        self,
+        layout: MixLayout,
+        sources: Sequence[Source],
+        fetchers: Sequence[ShardFetcher],
+        columns: Sequence[np.ndarray | None],
     ) -> None:
         self.layout = layout
         self.sources = list(sources)
         self.fetchers = list(fetchers)
+        self.columns = list(columns)
+        """Per source: its tar columns in the mix's field order (None: already so)."""
 
     @property
     def config(self) -> StorageConfig:
@@ -248,9 +290,12 @@ class MixFetcher:
         # Errors and skip records name the shard with its dataset: two sources may both
         # hold a shard-000000.tar.
         url = storage.join_url(self.sources[source].name, view.entry.path)
-        return dataclasses.replace(
-            view, number=read, entry=dataclasses.replace(view.entry, path=url)
-        )
+        table, columns = view.table, self.columns[source]
+        if columns is not None and table.field_offsets.size:
+            table = dataclasses.replace(table, field_offsets=table.field_offsets[:, columns],
+                                        field_sizes=table.field_sizes[:, columns])  # fmt: skip
+        entry = dataclasses.replace(view.entry, path=url)
+        return dataclasses.replace(view, number=read, entry=entry, table=table)
 
     def check_index_unchanged(self) -> None:
         for fetcher in self.fetchers:

@@ -8,6 +8,7 @@ second epoch starts inside the first mix epoch), and 30 of the 40 others.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -18,10 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import torch
+from PIL import Image
 
 from dataflow.config import ConfigError
 from dataflow.convert.config import ConvertConfig
 from dataflow.convert.job import convert
+from dataflow.convert.writer import ShardWriter
 from dataflow.datasets import photo_jpegs
 from dataflow.errors import DataError, DatasetChangedError
 from dataflow.index import DatasetIndex
@@ -203,17 +207,69 @@ def test_one_source_at_weight_one_is_the_plain_loader(photos: str) -> None:
     mixed.close()
 
 
-def test_sources_with_other_fields_are_refused_naming_both(
-    photos: str, digits: str, other_folder: Path, tmp_path: Path
+def write_captioned(output: Path, *, count: int, seed: int, image: str, order: list[str]) -> str:
+    """``count`` photo crops with a caption, fields written in ``order`` (ShardWriter keeps
+    it as the column order); the image as ``jpg`` or re-encoded as ``png``."""
+    with ShardWriter(str(output), max_shard_samples=6) as writer:
+        for number, (label, jpeg) in enumerate(photo_jpegs(count, seed=seed, long_side=64)):
+            data = jpeg
+            if image == "png":
+                encoded = io.BytesIO()
+                Image.open(io.BytesIO(jpeg)).save(encoded, format="PNG")
+                data = encoded.getvalue()
+            fields = {image: data, "txt": f"photo {number} of class {label}", "cls": label}
+            writer.write({"__key__": f"{image}-{number:04d}"} | {n: fields[n] for n in order})
+    return str(output)
+
+
+def test_fields_in_another_order_and_another_image_name_mix(tmp_path: Path) -> None:
+    """A tar source's columns are matched to the first source's by name (png to jpg as the
+    image): every delivered sample equals what a loader of its own dataset gives for it —
+    image (the deterministic eval crop), label and caption."""
+    first = write_captioned(tmp_path / "a", count=30, seed=3, image="jpg",
+                            order=["jpg", "txt", "cls"])  # fmt: skip
+    second = write_captioned(tmp_path / "b", count=20, seed=4, image="png",
+                             order=["cls", "txt", "png"])  # fmt: skip
+    fields = [[f.name for f in DatasetIndex.load(url).fields] for url in (first, second)]
+    assert fields == [["jpg", "txt", "cls"], ["cls", "txt", "png"]]
+    options: dict[str, Any] = {"image_pipeline": "eval", "global_batch": 10}
+    alone = {}
+    for url in (first, second):
+        loader = Loader(DataConfig(url=url, image_size=SIZE, drop_last=False, **options))
+        for batch in loader:
+            for row, key in enumerate(batch["__key__"]):
+                alone[key] = (batch["image"][row], int(batch["label"][row]), batch["txt"][row])
+        loader.close()
+    mixed = mix_loader(first, second, **options)
+    delivered = 0
+    for batch in mixed:
+        for row, key in enumerate(batch["__key__"]):
+            image, label, caption = alone[key]
+            assert torch.equal(batch["image"][row], image), key
+            assert (int(batch["label"][row]), batch["txt"][row]) == (label, caption), key
+            delivered += 1
+    assert delivered == 50 and mixed.metrics()["mix"] == {first: 35, second: 15}
+    mixed.close()
+
+
+def test_sources_with_other_fields_or_formats_are_refused_naming_both(
+    photos: str, other_folder: Path, tmp_path: Path
 ) -> None:
+    captioned = write_captioned(tmp_path / "captioned", count=12, seed=3, image="jpg",
+                                order=["jpg", "txt", "cls"])  # fmt: skip
     with pytest.raises(DataError) as caught:
-        mix_loader(photos, digits)  # jpg + cls against png + cls
-    message = str(caught.value)
-    assert photos in message and digits in message
-    assert "fields" in message and "png" in message and "jpg" in message
+        mix_loader(photos, captioned)
+    assert str(caught.value).startswith(
+        f"data.mix: {captioned} has fields ['txt'] that {photos} lacks"
+    )
+    with pytest.raises(DataError) as caught:
+        mix_loader(captioned, photos)
+    assert str(caught.value).startswith(
+        f"data.mix: {photos} lacks field 'txt' (str) that {captioned} has"
+    )
     table = convert_folder(other_folder, tmp_path / "parquet", max_shard_samples=5,
                            format="parquet")  # fmt: skip
-    with pytest.raises(DataError, match=r"holds parquet shards.*a mix needs one format"):
+    with pytest.raises(DataError, match=r"hold parquet and tar shards; a mix needs one format"):
         mix_loader(photos, table)
 
 

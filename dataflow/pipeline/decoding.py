@@ -34,7 +34,7 @@ from dataflow.errors import BadSampleError, DataError
 from dataflow.formats import codec
 from dataflow.formats.codec import check_image
 from dataflow.formats.parquet import decode_column_value
-from dataflow.index import Field
+from dataflow.index import DatasetIndex, Field
 from dataflow.metrics import StageMetrics
 from dataflow.pipeline.config import DataConfig
 from dataflow.pipeline.fields import FieldDecoders
@@ -119,6 +119,35 @@ class DecodeContext:
     """Build per-sample dicts for a transform or a user collate (Job.outputs)."""
     dali: DaliImageDecoder | None = None
     """DALI decodes the images of the "train"/"eval" pipelines when set."""
+
+    @classmethod
+    def for_dataset(
+        cls, index: DatasetIndex, config: DataConfig, *, stage: StageMetrics
+    ) -> DecodeContext:
+        """A loader's context before any pass: which fields hold the image (data.image_field,
+        else every image field: the first present is used) and the label (none when absent),
+        the crop rule and every field's decoder. A pass adds its skips and transform runner
+        with ``dataclasses.replace``."""
+        names = [f.name for f in index.fields]
+        image_fields = [config.image_field] if config.image_field else [
+            f.name for f in index.fields if f.kind == "image"
+        ]  # fmt: skip
+        for name in image_fields:
+            if name not in names:
+                raise DataError(f"no field {name!r} in the dataset; fields: {names}")
+        augment = ImageAugment(
+            size=config.image_size, scale=(config.crop_scale[0], config.crop_scale[1]),
+            ratio=(config.crop_ratio[0], config.crop_ratio[1]), flip=config.flip,
+            train=config.image_pipeline == "train",
+        )  # fmt: skip
+        return cls(
+            format=index.format, fields=tuple(index.fields), image_fields=tuple(image_fields),
+            label_field=config.label_field if config.label_field in names else "",
+            image_pipeline=config.image_pipeline, augment=augment,
+            decoders=FieldDecoders([(f.name, f.kind) for f in index.fields]),
+            on_bad_sample=config.on_bad_sample, skip_keys=frozenset(), stage=stage,
+            seed=config.seed,
+        )  # fmt: skip
 
     @property
     def image_columns(self) -> list[int]:

@@ -64,7 +64,7 @@ from typing import Any, Final
 import numpy as np
 import torch
 
-from dataflow.decode.image import ImageAugment, sample_draws
+from dataflow.decode.image import sample_draws
 from dataflow.errors import DataError, TooManySkipsError
 from dataflow.metrics import PipelineMetrics
 from dataflow.order import num_batches, rank_batch, samples_due
@@ -75,7 +75,6 @@ from dataflow.pipeline.collate import assemble
 from dataflow.pipeline.config import DataConfig
 from dataflow.pipeline.decoding import BatchDecoder, DecodeContext, Job, make_dali_decoder
 from dataflow.pipeline.device import prefetch_to_device
-from dataflow.pipeline.fields import FieldDecoders
 from dataflow.pipeline.readahead import ReadAhead
 from dataflow.pipeline.shards import ShardView
 from dataflow.pipeline.sources import Sources
@@ -160,21 +159,10 @@ class Loader:
                 hint=f"lower data.global_batch to at most {self.index.num_samples}, or set "
                 "data.drop_last = false",
             )
-        names = [f.name for f in self.index.fields]
-        image_fields = [f.name for f in self.index.fields if f.kind == "image"]
-        self.image_fields = [config.image_field] if config.image_field else image_fields
-        for name in self.image_fields:
-            if name not in names:
-                raise DataError(f"no field {name!r} in the dataset; fields: {names}")
-        self.label_field = config.label_field if config.label_field in names else ""
-        self.augment = ImageAugment(
-            size=config.image_size,
-            scale=(config.crop_scale[0], config.crop_scale[1]),
-            ratio=(config.crop_ratio[0], config.crop_ratio[1]),
-            flip=config.flip,
-            train=config.image_pipeline == "train",
-        )
-        self.field_decoders = FieldDecoders([(f.name, f.kind) for f in self.index.fields])
+        self.metrics_ = PipelineMetrics()
+        self._decode_stage = self.metrics_.stage("decode", config.decode_workers)
+        # Image and label fields, crop rule, field decoders; a pass adds its skips and runner.
+        self.decoding = DecodeContext.for_dataset(self.index, config, stage=self._decode_stage)
         self.user_code = UserCode.resolve(
             config, sample_transform=sample_transform, batch_transform=batch_transform,
             collate=collate,
@@ -185,9 +173,7 @@ class Loader:
         self.step = 0
         self.skipped: list[tuple[int, str, str]] = []
         self._skip_keys: set[tuple[int, str]] = set()
-        self.metrics_ = PipelineMetrics()
         self._fetch_stage = self.metrics_.stage("fetch", config.fetch_workers)
-        self._decode_stage = self.metrics_.stage("decode", config.decode_workers)
         self._transform_stage = (
             self.metrics_.stage("transform", config.transform_workers)
             if self.user_code.sample_transform is not None else None
@@ -234,7 +220,7 @@ class Loader:
                 )
         self.dali = make_dali_decoder(
             config, batch=self.per_rank_batch, device=self.device,
-            images=bool(self.image_fields), user_code=self.user_code,
+            images=bool(self.decoding.image_fields), user_code=self.user_code,
         )  # fmt: skip
         # Pinned when batches go to a GPU: the copy then runs asynchronously on a side stream.
         on_gpu = self.device is not None and self.device.type == "cuda"
@@ -410,15 +396,10 @@ class Loader:
     def _decode_context(self, epoch: int) -> DecodeContext:
         """What the decode and transform stages of a pass over ``epoch`` need."""
         runner = self._transform_runner()
-        return DecodeContext(
-            format=self.index.format, fields=tuple(self.index.fields),
-            image_fields=tuple(self.image_fields), label_field=self.label_field,
-            image_pipeline=self.config.image_pipeline, augment=self.augment,
-            decoders=self.field_decoders, on_bad_sample=self.config.on_bad_sample,
-            skip_keys=frozenset(k for k in self._skip_keys if k[0] == epoch),
-            stage=self._decode_stage, seed=self.config.seed, runner=runner,
-            transform_stage=self._transform_stage,
-            samples_out=runner is not None or self.user_code.collate is not None, dali=self.dali,
+        return dataclasses.replace(
+            self.decoding, skip_keys=frozenset(k for k in self._skip_keys if k[0] == epoch),
+            runner=runner, transform_stage=self._transform_stage, dali=self.dali,
+            samples_out=runner is not None or self.user_code.collate is not None,
         )  # fmt: skip
 
 
@@ -544,7 +525,8 @@ class _Run:
                 chunk.result()
             stall = time.perf_counter() - waited
             with loader._batch_stage.busy(items=1):
-                batch = assemble(job, label_field=loader.label_field, user_code=loader.user_code)
+                batch = assemble(job, label_field=self.context.label_field,
+                                 user_code=loader.user_code)  # fmt: skip
             loader.metrics_.consumed(samples=len(batch["__key__"]), stall_s=stall)
             loader.sources.count_delivered(job.shards[job.ok & job.valid])
             for skip in job.skips:

@@ -27,7 +27,7 @@ from dataflow.convert.config import ConvertConfig
 from dataflow.convert.job import convert
 from dataflow.convert.writer import ShardWriter
 from dataflow.datasets import photo_jpegs
-from dataflow.errors import DataError, DatasetChangedError
+from dataflow.errors import BadSampleError, DataError, DatasetChangedError
 from dataflow.index import DatasetIndex
 from dataflow.pipeline import DataConfig, Loader, MixSource
 from dataflow.storage import StorageConfig
@@ -35,6 +35,7 @@ from trainer.config import load
 
 from .loader_support import (
     SIZE,
+    CorruptDataset,
     Seen,
     all_keys,
     assert_resumes_exactly,
@@ -355,3 +356,17 @@ def test_the_trainer_trains_on_a_mix_and_evaluates_on_eval_url(
     assert end["event"] == "end" and end["steps"] == EPOCH // GLOBAL_BATCH
     assert end["eval"]["targets"] == 40  # the held-out pass read the other photos alone
     assert 'mix = [{url = "' in (tmp_path / "config.toml").read_text()
+
+
+def test_a_bad_sample_names_its_dataset_shard_and_key(
+    corrupt_photos: CorruptDataset, others: str
+) -> None:
+    """Two datasets may both hold a shard-000000.tar: errors name the shard by full URL."""
+    loader = mix_loader(corrupt_photos.url, others)
+    with pytest.raises(BadSampleError) as caught:
+        [record(batch) for batch in loader]
+    loader.close()
+    assert caught.value.key == corrupt_photos.victim
+    shard = caught.value.shard
+    assert shard is not None and shard.startswith(corrupt_photos.url + "/")
+    assert shard.endswith(".tar") and shard in str(caught.value)

@@ -131,7 +131,7 @@ def main() -> int:
         arguments.error(f"--strategies must be among {', '.join(STRATEGIES)}")
     if args.steps <= SHORT or args.ranks < 2 or args.ranks % args.node_size:
         arguments.error(f"--steps must exceed {SHORT}; --node-size must divide --ranks (>= 2)")
-    url = prepare(args.data_dir)["gpt"]
+    url = prepare(args.data_dir)["gpt"][0]  # the training split
     gradients = gradient_bytes()
     results: dict[str, dict[str, Any]] = {}
     for strategy in strategies:

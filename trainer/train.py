@@ -26,8 +26,6 @@ from trainer.lease import OutDirBusyError
 from trainer.preemption import EXIT_CODE, Stopped
 from trainer.trainer import RendezvousError, Trainer
 
-log = logging.getLogger("trainer")
-
 
 def train(config: Config) -> dict[str, Any]:
     """Run the configured training; returns the end-of-run summary (the same on all ranks).

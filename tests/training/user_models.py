@@ -33,7 +33,7 @@ class DigitNet(nn.Module):
         )
         self.head = nn.Linear(2 * width * 16, classes)
         self.class_bias = nn.Parameter(torch.zeros(classes))
-        self.temperature = nn.Parameter(torch.full((1,), 2.0))
+        self.temperature = nn.Parameter(torch.ones(1))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         x = image.permute(0, 3, 1, 2).float().contiguous().div(127.5).sub(1.0)

@@ -64,8 +64,16 @@ def apply_fsdp(
         param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32
     )
     found = units if units is not None else _blocks(model)
-    for module in [*(unit for _, unit in found), model]:
-        sharded = fully_shard(module, mesh=mesh, mp_policy=policy,
+    # BatchNorm keeps fp32 weights under bf16: its running statistics are fp32 buffers, and
+    # the CPU kernel takes bf16 input with fp32 weights and statistics, not bf16 weights
+    # with fp32 statistics ("expected scalar type BFloat16 but found Float"). Its own FSDP
+    # group (innermost first) gives it its own policy; the reference models have none.
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False)
+    groups = [*((m, fp32) for m in (norms if bf16 else [])),
+              *((unit, policy) for _, unit in found), (model, policy)]  # fmt: skip
+    for module, module_policy in groups:
+        sharded = fully_shard(module, mesh=mesh, mp_policy=module_policy,
                               reshard_after_forward=reshard_after_forward)  # fmt: skip
         if all_reduce_hook is not None:
             sharded.set_all_reduce_hook(all_reduce_hook(module))

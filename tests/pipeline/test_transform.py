@@ -265,3 +265,28 @@ def test_a_transform_runs_on_dalis_output(photos: str) -> None:
     again = run(sample_transform=NOISY)
     assert_same(again, noisy, "DALI + transform, twice")
     assert noisy[0]["image"].shape == (12, 24, 24, 3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_transformed_batches_reach_the_gpu(digits: str) -> None:  # pragma: no cover - GPU only
+    """data.device = "cuda": the transform path (collated on the host, then copied on the side
+    stream) and the fast path (pinned batch arrays) deliver the CPU run's batches."""
+    for options in (
+        {"sample_transform": NOISY, "collate": "dataflow.pipeline.collate:pad_collate",
+         "batch_transform": user_transforms.count_batch},
+        {},
+    ):  # fmt: skip
+        on_cpu = batches_of(make(digits, **options), 4)
+        loader = make(digits, device="cuda", **options)
+        on_gpu = batches_of(loader, 4)
+        loader.close()
+        for number, (cpu, gpu) in enumerate(zip(on_cpu, on_gpu, strict=True)):
+            assert sorted(cpu) == sorted(gpu), number
+            for name, value in cpu.items():
+                if isinstance(value, torch.Tensor):
+                    assert gpu[name].is_cuda, (number, name)
+                    assert torch.equal(gpu[name].cpu(), value), (number, name)
+                elif name == "tokens":
+                    assert [t.tolist() for t in gpu[name]] == [t.tolist() for t in value]
+                else:
+                    assert gpu[name] == value, (number, name)

@@ -54,9 +54,15 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def _synthetic_batch(config: Config, rows: int) -> dict[str, Any]:
+def _synthetic_batch(config: Config, task: str, rows: int) -> dict[str, Any]:
+    """A batch as the loader would deliver it for ``task`` (classify or lm)."""
     generator = torch.Generator().manual_seed(0)
-    if config.model.name == "cnn":
+    if task not in ("classify", "lm"):
+        raise ValueError(
+            f"the dry run makes synthetic batches for train.task = 'classify' or 'lm', not "
+            f"{task!r}; set one of them for the dry run if your model takes such batches"
+        )
+    if task == "classify":
         size = config.data.image_size
         return {
             "image": torch.randint(0, 256, (rows, size, size, 3), dtype=torch.uint8,
@@ -98,7 +104,8 @@ def play_rank(config: Config, world_size: int, rank: int) -> RankReport:
         per_rank = check_batch(config, layout.dp_world)
         classes = config.model.num_classes or 10
         spec = build_spec(config.model, num_classes=classes, seed=config.train.seed)
-        task = build_task(config, spec.task)
+        task_name = config.train.task or spec.task
+        task = build_task(config, task_name)
         model = parallelize(
             config.model, config.parallel, layout=layout, device=torch.device("cpu"),
             num_classes=classes, seed=config.train.seed,
@@ -109,7 +116,8 @@ def play_rank(config: Config, world_size: int, rank: int) -> RankReport:
         params = [p for part in model.parts for p in part.parameters()]
         stepped = model.schedule is None or (model.first_stage and model.last_stage)
         if stepped:
-            inputs, targets = task.split(_synthetic_batch(config, per_rank), torch.device("cpu"))
+            inputs, targets = task.split(_synthetic_batch(config, task_name, per_rank),
+                                         torch.device("cpu"))  # fmt: skip
             forward_backward(model, inputs, targets, precision=contextlib.nullcontext())
             for optimizer in optimizers:
                 optimizer.step()

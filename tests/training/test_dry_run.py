@@ -152,3 +152,13 @@ def test_a_batch_that_does_not_split_says_what_would() -> None:
     with pytest.raises(ValueError, match="rank 0 of 1024") as caught:
         play_ranks(config("--data.global_batch=1000"), WORLD, [0])
     assert "use a multiple of 512, e.g. --data.global_batch=1024" in str(caught.value)
+
+
+def test_a_user_model_dry_runs_with_a_built_in_task_and_names_what_it_cannot_synthesise() -> None:
+    user = ["--model.name=tests.training.user_models:digit_net", "--data.image_size=32",
+            "--data.global_batch=64", "--parallel.dp_shard=8", "--parallel.tp=1"]  # fmt: skip
+    (played,) = play_ranks(config(*user, "--train.task=classify"), 64, [9])
+    assert (played.strategy, played.stepped) == ("hsdp", True)
+    own_task = "--train.task=tests.training.user_models:smoothed_classify"
+    with pytest.raises(ValueError, match=re.escape("batches for train.task = 'classify' or 'lm'")):
+        play_ranks(config(*user, own_task), 64, [0])

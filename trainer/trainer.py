@@ -226,6 +226,11 @@ class Trainer:
             spec = as_spec(given, setting="Trainer(model=...)")
         else:
             spec = build_spec(config.model, num_classes=classes, seed=config.train.seed)
+        if self._task_given is None and given is not None and not (config.train.task or spec.task):
+            raise ValueError(
+                "Trainer(model=...) without task=...: pass a trainer.Task, set train.task, "
+                "or return a ModelSpec naming its task"
+            )
         self.task = self._task_given or build_task(config, spec.task)
         return parallelize(
             config.model, config.parallel, layout=layout, device=self.device,
@@ -233,6 +238,7 @@ class Trainer:
             activation_checkpointing=config.train.activation_checkpointing,
             bf16=config.train.mixed_precision == "bf16", compression=config.compression,
             spec=spec, loss_fn=self.task.loss,
+            origin="Trainer(model=...)" if self._model_given is not None else "",
         )  # fmt: skip
 
     def _build(self) -> None:

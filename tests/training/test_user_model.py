@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -220,3 +221,29 @@ def test_activation_checkpointing_and_bf16_train_a_user_module(
     got, fp32 = half.losses(), runs["fsdp"].losses()
     assert sorted(got) == list(range(1, STEPS + 1))
     np.testing.assert_allclose(list(got.values()), list(fp32.values()), atol=0.05)
+
+
+@pytest.mark.timeout(600)
+def test_the_trainer_reads_the_loader_it_is_given(digits_dataset: str, tmp_path: Path) -> None:
+    """``loader=`` a function (rank, world_size) → Loader is called with this rank's place; a
+    Loader built for another place is refused, naming both."""
+    from dataflow.pipeline import Loader
+
+    overrides = [f"data.url='{digits_dataset}'", "data.global_batch=32", "train.max_steps=2",
+                 "data.decode_backend='cpu'", "train.progress=false",
+                 f"train.out_dir='{tmp_path}'", "model.width=8"]  # fmt: skip
+    config = load(ROOT / "configs" / "demo.toml", overrides)
+    asked = []
+
+    def loader(rank: int, world_size: int) -> Loader:
+        asked.append((rank, world_size))
+        return Loader(config.data, config.storage, rank=rank, world_size=world_size)
+
+    assert Trainer(config, loader=loader).fit()["steps"] == 2
+    assert asked == [(0, 1)]
+    elsewhere = Loader(config.data, config.storage, rank=1, world_size=2)
+    try:
+        with pytest.raises(ValueError, match=re.escape("the loader given is rank 1 of 2, but")):
+            Trainer(config, loader=elsewhere).fit()
+    finally:
+        elsewhere.close()

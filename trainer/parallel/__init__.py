@@ -88,15 +88,17 @@ def parallelize(
     compression: CompressionConfig | None = None,
     spec: ModelSpec | None = None,
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] = cross_entropy,
+    origin: str = "",
 ) -> ParallelModel:
     """``spec``: the model to parallelize (default: the one ``model_config`` names);
-    ``loss_fn``: the task's loss, which the pipeline schedule computes on the last stage."""
+    ``loss_fn``: the task's loss, which the pipeline schedule computes on the last stage;
+    ``origin``: where the model came from, for errors (default: ``model.name = …``)."""
     if spec is None:
         spec = build_spec(model_config, num_classes=num_classes, seed=seed)
     whole = spec.module
     # A user model's own initial values, taken before anything wraps or shards it.
     values = own_values(whole, seed) if spec.init is None else None
-    described = f"model.name = {model_config.name!r}"
+    described = origin or f"model.name = {model_config.name!r}"
     parts: list[nn.Module] = [whole]
     stage_ids, stages = [0], 1
     if layout.pp > 1:

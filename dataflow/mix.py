@@ -374,14 +374,14 @@ class MixOrder:
             if whole:
                 wraps = np.asarray(whole, dtype=np.int64)
                 starts = (self.first_epochs[source] + wraps) * span.samples - begin
-                first = layout.merge_position(source, starts) // self.block * self.block
-                last = layout.merge_position(source, starts + span.samples - 1)
-                last = np.minimum(self.total, (last // self.block + 1) * self.block) - 1
-                shards = len(span.sizes)
-                numbers = wraps[:, None] * shards + np.arange(shards, dtype=np.int64)[None, :]
+                firsts_of = layout.merge_position(source, starts) // self.block * self.block
+                lasts_of = layout.merge_position(source, starts + span.samples - 1)
+                lasts_of = np.minimum(self.total, (lasts_of // self.block + 1) * self.block) - 1
+                count = len(span.sizes)
+                numbers = wraps[:, None] * count + np.arange(count, dtype=np.int64)[None, :]
                 reads.append(span.read_base + numbers.ravel())
-                firsts.append(np.repeat(first, shards))
-                lasts.append(np.repeat(last, shards))
+                firsts.append(np.repeat(firsts_of, count))
+                lasts.append(np.repeat(lasts_of, count))
         read_numbers = np.concatenate(reads).astype(np.int64)
         first_positions = np.concatenate(firsts).astype(np.int64)
         # Stable: reads first needed together keep each source's own need order.

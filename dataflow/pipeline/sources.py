@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -255,7 +256,13 @@ class Sources:
 
 
 class MixFetcher:
-    """``ShardFetcher``'s interface over a mix: a read number → its source's fetcher."""
+    """``ShardFetcher``'s interface over a mix: a read number → its source's fetcher.
+
+    A shard read again while an earlier read of it is still held (read-ahead, or a batch
+    being decoded) shares that read's bytes instead of fetching them again: a small source
+    that wraps many times per epoch, whose consecutive reads overlap, is then fetched about
+    once per stretch of overlap. Only views something still holds are found (weak
+    references), so this costs no memory."""
 
     def __init__(
         self,
@@ -269,6 +276,10 @@ class MixFetcher:
         self.fetchers = list(fetchers)
         self.columns = list(columns)
         """Per source: its tar columns in the mix's field order (None: already so)."""
+        self._held: weakref.WeakValueDictionary[tuple[int, int], ShardView] = (
+            weakref.WeakValueDictionary()
+        )
+        self._held_lock = threading.Lock()
 
     @property
     def config(self) -> StorageConfig:
@@ -286,6 +297,12 @@ class MixFetcher:
     def fetch(self, read: int) -> ShardView:
         sources, shards = self.layout.locate_reads(np.asarray([read]))
         source, shard = int(sources[0]), int(shards[0])
+        with self._held_lock:
+            held = self._held.get((source, shard))
+            if held is not None:
+                again = dataclasses.replace(held, number=read)
+                self._held[(source, shard)] = again
+                return again
         view = self.fetchers[source].fetch(shard)
         # Errors and skip records name the shard with its dataset: two sources may both
         # hold a shard-000000.tar.
@@ -295,7 +312,10 @@ class MixFetcher:
             table = dataclasses.replace(table, field_offsets=table.field_offsets[:, columns],
                                         field_sizes=table.field_sizes[:, columns])  # fmt: skip
         entry = dataclasses.replace(view.entry, path=url)
-        return dataclasses.replace(view, number=read, entry=entry, table=table)
+        view = dataclasses.replace(view, number=read, entry=entry, table=table)
+        with self._held_lock:
+            self._held[(source, shard)] = view
+        return view
 
     def check_index_unchanged(self) -> None:
         for fetcher in self.fetchers:

@@ -112,11 +112,6 @@ class Sources:
         """Every dataset is on a local or parallel file system (no connections to tune)."""
         return all(storage.is_local(source.root) for source in self.sources)
 
-    @property
-    def num_samples(self) -> int:
-        """Positions in an epoch (a mix epoch: the sum of the sources' sizes)."""
-        return self.index.num_samples
-
     def describe(self) -> str:
         """The dataset(s) for messages: a URL, or 'the mix of A, B'."""
         if not self.mixing:

@@ -160,6 +160,15 @@ def test_resume_is_exact_mid_epoch_and_across_epochs(photos: str, others: str) -
     assert_resumes_exactly(lambda: mix_loader(photos, others), midpoints=[3, 8], n_next=5)
 
 
+def test_the_next_epoch_started_ahead_gives_the_same_batches(photos: str, others: str) -> None:
+    """prefetch_next_epoch (the trainer's setting) plans epoch e + 1's mix while e ends."""
+    ahead = mix_loader(photos, others, prefetch_next_epoch=True)
+    plain = mix_loader(photos, others)
+    assert_same_batches(take(ahead, 3 * len(ahead)), take(plain, 3 * len(plain)), "ahead")
+    ahead.close()
+    plain.close()
+
+
 def test_resume_from_two_ranks_to_one_is_exact(photos: str, others: str) -> None:
     """Two ranks take 4 steps (each its half of every global batch); one rank resumes from
     rank 0's state and continues the global sequence an uninterrupted one-rank run gives."""

@@ -19,10 +19,11 @@ bytes. Images come out RGB whatever they hold: CMYK/YCCK JPEGs are converted as 
 converts them, greyscale and palette images expanded, alpha dropped (the colour channels as
 stored, not composited), 16-bit levels reduced to their high byte (codec.decode_image).
 
-Registered decoders are process-wide (a process pool's workers import what registers them,
-like any module they use); a decoder that raises follows ``data.on_bad_sample`` like a
-damaged image. Cost: a dictionary lookup per field, resolved once per loader
-(``FieldDecoders.for_field``), not per sample.
+Registered decoders are process-wide and are looked up when a Loader is built: register
+before building it. They run in the loader's decode threads, in this process, also with
+``transform_pool = "process"`` (only the transform runs in the workers). A decoder that
+raises follows ``data.on_bad_sample`` like a damaged image, named in the reason. Cost: the
+lookup is done once per field and loader (``FieldDecoders``), not per sample.
 """
 
 from __future__ import annotations

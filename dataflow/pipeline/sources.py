@@ -232,11 +232,16 @@ class Sources:
             for source in self.sources
             for entry in source.index.shards
         ]
-        classes = [source.index.metadata.get("classes") for source in self.sources]
+        metadata = dict(first.index.metadata)
+        classes = [source.index.metadata.get("classes") or [] for source in self.sources]
         if any(c != classes[0] for c in classes):
+            # Labels are used as stored. Of the class lists, the longest is kept: what sizes
+            # a classifier (the trainer reads its length) then covers every source's labels.
+            longest = max(range(len(classes)), key=lambda number: len(classes[number]))
+            metadata["classes"] = classes[longest]
             log.warning("data.mix: the datasets' class lists differ; labels are used as "
-                        "stored, and metadata (class names) is that of %s", first.name)  # fmt: skip
-        return dataclasses.replace(first.index, shards=shards, skipped=[])
+                        "stored, named by %s's classes", self.sources[longest].name)  # fmt: skip
+        return dataclasses.replace(first.index, shards=shards, metadata=metadata, skipped=[])
 
     def _dataset_id(self) -> str:
         if len(self.sources) == 1:  # as before mixing existed (a mix of one is that order)

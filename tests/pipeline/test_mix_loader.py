@@ -421,3 +421,10 @@ def test_a_small_source_read_again_while_held_is_not_fetched_again(
     assert sum(1 for key in keys if key in tiny_keys) == loader.metrics()["mix"][tiny] == 90
     # 22 reads and 3 fetches (one per mix epoch) here; the bound leaves room for timing.
     assert reads >= 18 and len(fetches) <= reads // 2, (len(fetches), reads)
+    # The class lists differ (the tiny set has fewer classes): the longest names the labels,
+    # whichever dataset comes first, so a classifier sized by it covers both.
+    photo_classes = DatasetIndex.load(photos).metadata["classes"]
+    assert len(DatasetIndex.load(tiny).metadata["classes"]) < len(photo_classes)
+    tiny_first = Loader(DataConfig(mix=MixSource.from_weights({tiny: 0.5, photos: 0.5}),
+                                   global_batch=GLOBAL_BATCH))  # fmt: skip
+    assert tiny_first.index.metadata["classes"] == loader.index.metadata["classes"] == photo_classes

@@ -110,6 +110,9 @@ class DataConfig:
     releases the GIL) or worker processes (pure-Python code); both give the same batches."""
     transform_workers: int = 2
     """With transform_pool = "process": worker processes."""
+    transform_shm_bytes: ByteSize = 64 << 20
+    """With transform_pool = "process": each worker's shared memory for a chunk's arrays, in
+    and again out; a sample whose arrays exceed it is pickled instead (slower, counted)."""
     on_bad_sample: Literal["raise", "skip"] = "raise"
     """Corrupt sample or shard: stop naming shard, key and offset, or skip, count and record."""
     max_skip_fraction: float = 0.01
@@ -126,7 +129,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         self._check_mix()
-        for name in ("autotune_memory", "cache_bytes"):
+        for name in ("autotune_memory", "cache_bytes", "transform_shm_bytes"):
             # Built in code, a size may still be "1GB": the same parser as the TOML loader.
             try:
                 value = parse_bytes(getattr(self, name))

@@ -389,7 +389,8 @@ class Loader:
         if transform is not None and self._runner is None:
             self._runner = make_transform_runner(
                 transform, pool=self.config.transform_pool,
-                workers=self.config.transform_workers, setting="data.sample_transform",
+                workers=self.config.transform_workers,
+                shm_bytes=self.config.transform_shm_bytes, setting="data.sample_transform",
             )  # fmt: skip
         return self._runner
 

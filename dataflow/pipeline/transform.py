@@ -183,6 +183,7 @@ def make_transform_runner(
     *,
     pool: str,
     workers: int,
+    shm_bytes: int = 64 << 20,
     setting: str = "data.sample_transform",
 ) -> TransformRunner:
     """The runner for ``data.transform_pool``: "thread" runs in the decode threads,
@@ -197,7 +198,7 @@ def make_transform_runner(
     if pool == "process":
         from dataflow.pipeline.transform_pool import ProcessTransformRunner
 
-        return ProcessTransformRunner(transform, workers=workers)
+        return ProcessTransformRunner(transform, workers=workers, shm_bytes=shm_bytes)
     raise ConfigError(f"data.transform_pool = {pool!r}: choose 'thread' or 'process'")
 
 

@@ -35,6 +35,8 @@ from dataflow.pipeline.transform_pool import (
     TransformWorkerError,
 )
 
+from .loader_support import make
+
 REPO = Path(__file__).resolve().parents[2]
 SHM = Path("/dev/shm")
 
@@ -402,6 +404,29 @@ def test_chunks_and_samples_larger_than_the_segment(caplog: pytest.LogCaptureFix
         assert runner.pickled_samples == 4
     warnings = [r.getMessage() for r in caplog.records if "pickled" in r.getMessage()]
     assert len(warnings) == 1 and "shm_bytes" in warnings[0]
+
+
+def test_the_loaders_segment_size_setting_reaches_the_pool(
+    digits: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """data.transform_shm_bytes = 16 KiB: 32×32×3 images in, 24 KiB float64 images out (each
+    alone too big): the thread pool's batches all the same, and one warning naming the key."""
+    expand_path = "pipeline.test_transform_pool:expand"
+    threads = make(digits, sample_transform=expand_path, global_batch=32)
+    processes = make(digits, sample_transform=expand_path, global_batch=32,
+                     transform_pool="process", transform_shm_bytes="16KiB")  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="dataflow.pipeline.transform_pool"):
+        for _, want, got in zip(range(3), threads, processes, strict=False):
+            assert list(got) == list(want)
+            for name, value in want.items():
+                assert_same(got[name], value, name)
+        runner = processes.transform_runner
+        assert isinstance(runner, ProcessTransformRunner)
+        assert runner.shm_bytes == 16 << 10 and runner.pickled_samples >= 3 * 32
+    processes.close()
+    threads.close()
+    warnings = [r.getMessage() for r in caplog.records if "pickled" in r.getMessage()]
+    assert len(warnings) == 1 and "data.transform_shm_bytes" in warnings[0]
 
 
 _KILLED_PARENT = """

@@ -140,13 +140,17 @@ def test_two_ranks_deliver_every_sample_once(photos: str, tmp_path: Path) -> Non
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_mixed_decode_on_the_gpu(photos: str) -> None:  # pragma: no cover - GPU only
-    cpu = list(loader(photos))
+    # Against DALI's own CPU decode of the same crop windows: on an H200 (2026-12-04) the two
+    # were identical (mean |difference| 0.00 at 48 and 224 pixels). Against our CPU decoder
+    # the test above holds the CPU backend to the same rule: how far DALI's full decode +
+    # resize lies from our crop-only decode is a property of the decoders, not of the GPU.
+    cpu = list(loader(photos, decode_backend="dali"))
     gpu = list(loader(photos, decode_backend="dali", decode_device="gpu", device="cuda"))
-    for ours, theirs in zip(cpu, gpu, strict=True):
-        assert theirs["image"].is_cuda and theirs["image"].shape == ours["image"].shape
-        assert theirs["__key__"] == ours["__key__"]
-        difference = (theirs["image"].cpu().float() - ours["image"].float()).abs().mean()
-        assert difference < 3.0  # nvJPEG's IDCT and upsampling differ slightly from libjpeg's
+    for on_cpu, on_gpu in zip(cpu, gpu, strict=True):
+        assert on_gpu["image"].is_cuda and on_gpu["image"].shape == on_cpu["image"].shape
+        assert on_gpu["__key__"] == on_cpu["__key__"]
+        difference = (on_gpu["image"].cpu().float() - on_cpu["image"].float()).abs()
+        assert difference.mean(dim=(1, 2, 3)).max() <= 1.0
 
 
 def test_dali_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,13 +7,15 @@ over the loader's decode threads.
 Algorithm
     ``workers`` persistent processes, started at construction from a forkserver (a clean
     interpreter: the loader's process runs threads, and a fork could inherit a lock one of
-    them held). Each imports the transform by reference — ``"module:function"`` through
-    ``load_callable``, or a callable pickled by reference — and owns two shared-memory
-    segments of ``shm_bytes`` (created and unlinked by this process): one in, one out.
+    them held). Each imports the transform — ``"module:function"`` through
+    ``load_callable``, or the callable as pickled here (a function by reference) — and
+    owns two shared-memory segments of ``shm_bytes`` (created and unlinked by this
+    process): one in, one out.
     A caller (one of the loader's decode threads) takes an idle worker from a queue, writes
     its chunk's arrays and tensors (and bytes of 4 KiB or more) into the worker's input
     segment at 64-byte aligned offsets, and sends over a pipe only small metadata: per
-    value its dtype, shape and offset, smaller values inline. The worker builds views on
+    value its dtype, shape and offset, smaller values inline
+    (dataflow.pipeline.shared_values). The worker builds views on
     the segment, runs ``transform(sample, sample_rng(*seed))`` per sample, checks the output
     (``check_output``), and writes the outputs' arrays into its output segment, again
     sending metadata; the caller copies the arrays out (the segments are then free for the
@@ -69,11 +71,15 @@ import sys
 import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
-import numpy as np
-import torch
-
+from dataflow.pipeline.shared_values import (
+    ALIGNMENT,
+    Packer,
+    pack_samples,
+    segment_buffer,
+    unpack,
+)
 from dataflow.pipeline.transform import (
     SampleSeed,
     SampleTransform,
@@ -88,10 +94,6 @@ from dataflow.processes import die_with_parent
 
 log = logging.getLogger(__name__)
 
-ALIGNMENT: Final = 64
-"""Offsets of values in a segment (a cache line: no dtype needs more)."""
-SHARED_BYTES_MIN: Final = 4096
-"""bytes, bytearray and memoryview values from this size travel through the segment."""
 SETTING: Final = "data.sample_transform"
 SHM_PREFIX: Final = "shardflow-transform-"
 """Segment names start with this (``/dev/shm/shardflow-transform-<pid>-…`` on Linux)."""
@@ -99,159 +101,6 @@ SHM_PREFIX: Final = "shardflow-transform-"
 
 class TransformWorkerError(RuntimeError):
     """A transform worker process died or could not load the transform."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Values in a segment: what crosses the pipe instead of them
-
-
-# An ``inline`` copy of the bytes replaces the offset when the segment is too small for the
-# value's sample (see ``_pack_samples``): raw bytes, not numpy's pickle, which loses the byte
-# order of a strided big-endian array and keeps a Fortran array's order.
-
-
-class _SharedArray(NamedTuple):  # named tuples: pickled ~3× faster than dataclasses
-    offset: int
-    dtype: np.dtype[Any]
-    shape: tuple[int, ...]
-    writeable: bool
-    inline: bytearray | None = None
-
-
-class _SharedTensor(NamedTuple):
-    offset: int
-    nbytes: int
-    dtype: str  # torch dtype name, e.g. "bfloat16"
-    shape: tuple[int, ...]
-    inline: bytearray | None = None
-
-
-class _SharedBytes(NamedTuple):
-    offset: int
-    nbytes: int
-    kind: type  # bytes, bytearray or memoryview
-    inline: bytearray | None = None
-
-
-def _buffer(segment: SharedMemory) -> memoryview:
-    buffer = segment.buf
-    assert buffer is not None, "a closed segment"
-    return buffer
-
-
-class _SegmentFull(Exception):
-    """The value does not fit what is left of the segment."""
-
-
-class _Packer:
-    """Writes values into a segment from its start; ``pack`` returns what replaces them."""
-
-    def __init__(self, segment: SharedMemory) -> None:
-        self.buffer = _buffer(segment)
-        self.capacity = segment.size
-        self.used = 0
-        self.inline = False
-        """True: the bytes of arrays travel in the metadata (pickled through the pipe)."""
-
-    def _reserve(self, nbytes: int) -> int:
-        offset = -(-self.used // ALIGNMENT) * ALIGNMENT
-        if offset + nbytes > self.capacity:
-            raise _SegmentFull
-        self.used = offset + nbytes
-        return offset
-
-    def _place(self, flat: Any) -> tuple[int, bytearray | None]:
-        """(offset, None) of a flat byte buffer written into the segment, or (0, a copy)."""
-        if self.inline:
-            return 0, bytearray(flat)
-        offset = self._reserve(len(flat))
-        self.buffer[offset : offset + len(flat)] = flat
-        return offset, None
-
-    def pack(self, value: Any) -> Any:
-        kind = type(value)
-        if kind is dict:
-            return {name: self.pack(item) for name, item in value.items()}
-        if kind is list:
-            return [self.pack(item) for item in value]
-        if kind is tuple:
-            return tuple(self.pack(item) for item in value)
-        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
-            if self.inline:
-                offset, inline = self._place(np.ascontiguousarray(value).reshape(-1).view(np.uint8))
-            else:  # straight into the segment in C order, without an intermediate copy
-                offset, inline = self._reserve(value.nbytes), None
-                target = np.ndarray(value.shape, value.dtype, buffer=self.buffer, offset=offset)
-                np.copyto(target, value, casting="no")
-            return _SharedArray(offset, value.dtype, value.shape, value.flags.writeable, inline)
-        if isinstance(value, torch.Tensor) and value.layout == torch.strided:
-            try:
-                flat = value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-            except RuntimeError:  # e.g. a quantized tensor: pickled whole
-                return value
-            offset, inline = self._place(flat)
-            dtype = str(value.dtype).removeprefix("torch.")
-            return _SharedTensor(offset, flat.nbytes, dtype, tuple(value.shape), inline)
-        if kind is memoryview or (kind in (bytes, bytearray) and len(value) >= SHARED_BYTES_MIN):
-            if self.inline and kind is not memoryview:
-                return value  # pickles as it is
-            data = memoryview(value).cast("B")
-            offset, inline = self._place(data)
-            return _SharedBytes(offset, data.nbytes, kind, inline)
-        return value
-
-
-def _unpack(value: Any, buffer: memoryview, *, copy: bool) -> Any:
-    """The value ``pack`` replaced: views on the segment, or (``copy``) copies."""
-    kind = type(value)
-    if kind is dict:
-        return {name: _unpack(item, buffer, copy=copy) for name, item in value.items()}
-    if kind is list:
-        return [_unpack(item, buffer, copy=copy) for item in value]
-    if kind is tuple:
-        return tuple(_unpack(item, buffer, copy=copy) for item in value)
-    if kind is _SharedArray:
-        source = buffer if value.inline is None else value.inline
-        array = np.ndarray(value.shape, value.dtype, buffer=source, offset=value.offset)
-        if copy:
-            return array.copy()
-        array.flags.writeable = value.writeable
-        return array
-    if kind is _SharedTensor:
-        source = buffer if value.inline is None else value.inline
-        raw = np.ndarray((value.nbytes,), np.uint8, buffer=source, offset=value.offset)
-        flat = torch.from_numpy(raw.copy() if copy else raw)
-        return flat.view(getattr(torch, value.dtype)).reshape(value.shape)
-    if kind is _SharedBytes:
-        source = buffer if value.inline is None else memoryview(value.inline)
-        data = source[value.offset : value.offset + value.nbytes]
-        if value.kind is memoryview:
-            return memoryview(bytes(data)) if copy else data
-        return value.kind(data)
-    if copy and isinstance(value, torch.Tensor):
-        return value.contiguous()  # one pickled whole, in the layout it had
-    return value
-
-
-def _pack_samples(
-    packer: _Packer, samples: Sequence[Any], start: int
-) -> tuple[list[Any], int, bool]:
-    """Packs ``samples[start:]`` until the segment is full: (metadata, how many, whether the
-    first of them had to be pickled because it alone exceeds the segment)."""
-    packer.used, packer.inline = 0, False
-    packed: list[Any] = []
-    for sample in samples[start:]:
-        mark = packer.used
-        try:
-            packed.append(packer.pack(sample))
-        except _SegmentFull:
-            packer.used = mark
-            if packed:
-                break
-            packer.inline = True  # alone and too big: its arrays go through the pipe
-            packed.append(packer.pack(sample))
-            return packed, 1, True
-    return packed, len(packed), False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,7 +131,7 @@ def _worker_main(
         connection.send(("failed", f"{type(error).__name__}: {error}"))
         return
     connection.send(("ready", os.getpid()))
-    input_buffer, packer = _buffer(segments[0]), _Packer(segments[1])
+    input_buffer, packer = segment_buffer(segments[0]), Packer(segments[1])
     while True:
         try:
             message = connection.recv()
@@ -293,7 +142,7 @@ def _worker_main(
         packed_samples, seeds = message
         try:
             outputs = [
-                _transform_one(transform, name, _unpack(packed, input_buffer, copy=False), seed)
+                _transform_one(transform, name, unpack(packed, input_buffer, copy=False), seed)
                 for packed, seed in zip(packed_samples, seeds, strict=True)
             ]
         except TransformOutputError as error:
@@ -320,13 +169,13 @@ def _transform_one(
 
 def _send_outputs(
     connection: multiprocessing.connection.Connection,
-    packer: _Packer,
+    packer: Packer,
     outputs: list[Any],
     name: str,
 ) -> None:
     start = 0
     while start < len(outputs):
-        packed, count, pickled = _pack_samples(packer, outputs, start)
+        packed, count, pickled = pack_samples(packer, outputs, start)
         start += count
         last = start == len(outputs)
         try:
@@ -558,11 +407,11 @@ class ProcessTransformRunner:
                     'PYTHONPATH)? Or set data.transform_pool = "thread"'
                 )
             worker.ready = True
-        packer = _Packer(worker.input)
+        packer = Packer(worker.input)
         results: list[dict[str, Any] | TransformFailure] = []
         start = 0
         while start < len(samples):
-            packed, count, pickled = _pack_samples(packer, samples, start)
+            packed, count, pickled = pack_samples(packer, samples, start)
             if pickled:
                 self._count_pickled()
             self._send(worker, (packed, list(seeds[start : start + count])), count)
@@ -574,8 +423,8 @@ class ProcessTransformRunner:
                 packed_outputs, outputs_pickled = payload
                 if outputs_pickled:
                     self._count_pickled()
-                output = _buffer(worker.output)
-                results.extend(_unpack(o, output, copy=True) for o in packed_outputs)
+                output = segment_buffer(worker.output)
+                results.extend(unpack(o, output, copy=True) for o in packed_outputs)
                 if kind == "done":
                     break
                 self._send(worker, "next", count)

@@ -381,7 +381,8 @@ def main() -> int:
         "results": results,
     })  # fmt: skip
     plot(results, os.path.join(args.out, "bench_transform.png"),
-         f"pure-Python transform, {cores} cores: best of {args.repeat} epochs")  # fmt: skip
+         f"pure-Python transform, {cores} cores: best of {args.repeat} epochs (load average "
+         f"{load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after)")  # fmt: skip
     say(f"wrote {path}")
     return 0
 

@@ -135,6 +135,8 @@ def assemble(job: Job, *, label_field: str, user_code: UserCode) -> Batch:
             raise TypeError(
                 f"the collate function returned {type(batch).__name__}, not a dict of fields"
             )
+        # A transform may leave the key out: the batch still says which samples it holds.
+        batch.setdefault("__key__", [job.keys[i] for i in keep])
     else:
         batch = _assemble_fast(job, keep, label_field)
     batch["__valid__"] = torch.from_numpy(job.valid[keep])

@@ -528,7 +528,10 @@ class _Run:
             with loader._batch_stage.busy(items=1):
                 batch = assemble(job, label_field=self.context.label_field,
                                  user_code=loader.user_code)  # fmt: skip
-            loader.metrics_.consumed(samples=len(batch["__key__"]), stall_s=stall)
+            # The loader's own record of what it delivered, whatever the user's transforms
+            # left in the batch.
+            kept = np.flatnonzero(job.ok)
+            loader.metrics_.consumed(samples=len(kept), stall_s=stall)
             loader.sources.count_delivered(job.shards[job.ok & job.valid])
             for skip in job.skips:
                 loader.skipped.append(skip)
@@ -540,8 +543,7 @@ class _Run:
             loader._autotune()
             self._flush_audit()
             loader.step = job.step + 1
-            self.pending_audit = (job.step, [k for k, v in zip(batch["__key__"],
-                                  batch["__valid__"].tolist(), strict=True) if v])  # fmt: skip
+            self.pending_audit = (job.step, [job.keys[i] for i in kept if job.valid[i]])
             yield batch
 
     def _too_many_skips(self, job: Job) -> None:

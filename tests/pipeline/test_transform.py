@@ -221,6 +221,27 @@ def test_callables_given_in_code_and_the_batch_transform(digits: str) -> None:
     assert batch["__valid__"].tolist() == [True] * 10
 
 
+def test_transforms_that_drop_the_key_still_leave_the_loaders_record(
+    digits: str, tmp_path: Path
+) -> None:
+    """The loader counts and audits what it delivered from its own record, not from the
+    fields a transform chose to return."""
+    plain = make(digits, global_batch=10, shuffle=False)
+    want = [batch["__key__"] for batch in batches_of(plain, 2)]
+    keyless = make(digits, global_batch=10, shuffle=False,
+                   sample_transform=user_transforms.without_key)  # fmt: skip
+    assert [batch["__key__"] for batch in batches_of(keyless, 2)] == want
+    bare = make(digits, global_batch=10, shuffle=False, audit=True, out_dir=str(tmp_path),
+                sample_transform=user_transforms.without_key,
+                batch_transform=user_transforms.without_bookkeeping)  # fmt: skip
+    batches = batches_of(bare, 2)
+    bare.close()
+    assert [sorted(batch) for batch in batches] == [["image"], ["image"]]
+    assert bare.metrics()["samples"] == 20
+    audit = (tmp_path / "audit" / "rank-0.tsv").read_text().splitlines()
+    assert [line.split("\t")[2] for line in audit] == [key for keys in want for key in keys]
+
+
 def test_the_runner_factory() -> None:
     runner = make_transform_runner(NOISY, pool="thread", workers=1)
     assert isinstance(runner, ThreadTransformRunner)

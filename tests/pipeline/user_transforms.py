@@ -69,3 +69,13 @@ def count_batch(batch: dict[str, Any]) -> dict[str, Any]:
 
 
 NOT_A_FUNCTION = 3
+
+
+def without_key(sample: dict[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    """Returns a new dict with the image alone: no ``__key__``."""
+    return {"image": sample["image"]}
+
+
+def without_bookkeeping(batch: dict[str, Any]) -> dict[str, Any]:
+    """A batch transform that keeps the images only."""
+    return {"image": batch["image"]}

@@ -391,6 +391,7 @@ class Loader:
                 transform, pool=self.config.transform_pool,
                 workers=self.config.transform_workers,
                 shm_bytes=self.config.transform_shm_bytes, setting="data.sample_transform",
+                nice=self._thread_nice,
             )  # fmt: skip
         return self._runner
 

@@ -185,6 +185,7 @@ def make_transform_runner(
     workers: int,
     shm_bytes: int = 64 << 20,
     setting: str = "data.sample_transform",
+    nice: int = 0,
 ) -> TransformRunner:
     """The runner for ``data.transform_pool``: "thread" runs in the decode threads,
     "process" in ``workers`` processes (imported only then). ``transform`` is the callable or
@@ -198,7 +199,7 @@ def make_transform_runner(
     if pool == "process":
         from dataflow.pipeline.transform_pool import ProcessTransformRunner
 
-        return ProcessTransformRunner(transform, workers=workers, shm_bytes=shm_bytes)
+        return ProcessTransformRunner(transform, workers=workers, shm_bytes=shm_bytes, nice=nice)
     raise ConfigError(f"data.transform_pool = {pool!r}: choose 'thread' or 'process'")
 
 

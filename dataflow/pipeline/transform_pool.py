@@ -122,8 +122,11 @@ def _worker_main(
     output_name: str,
     connection: multiprocessing.connection.Connection,
     main_pid: int,
+    nice: int = 0,
 ) -> None:
     die_with_parent(main_pid)
+    if nice > os.getpriority(os.PRIO_PROCESS, 0):  # loader work yields to the training loop
+        os.setpriority(os.PRIO_PROCESS, 0, nice)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group
     try:
         transform = _load(transform_reference)
@@ -209,6 +212,7 @@ class _Worker:
         name: str,
         shm_bytes: int,
         number: int,
+        nice: int = 0,
     ) -> None:
         self.ready = False
         """True once the worker said it loaded the transform."""
@@ -224,7 +228,7 @@ class _Worker:
         self.connection, child = context.Pipe()
         self.process = context.Process(
             target=_worker_main,
-            args=(reference, name, self.input.name, self.output.name, child, os.getpid()),
+            args=(reference, name, self.input.name, self.output.name, child, os.getpid(), nice),
             name=f"shardflow-transform-{number}",
             daemon=True,
         )
@@ -284,8 +288,15 @@ class ProcessTransformRunner:
     ``shm_bytes``: the size of each worker's input and of its output segment."""
 
     def __init__(
-        self, transform: SampleTransform | str, *, workers: int, shm_bytes: int = 64 << 20
+        self,
+        transform: SampleTransform | str,
+        *,
+        workers: int,
+        shm_bytes: int = 64 << 20,
+        nice: int = 0,
     ) -> None:
+        """``nice``: the workers' niceness (the loader passes its threads', data.thread_nice
+        above its own, so that transforms, like decode, yield to the training loop)."""
         if workers < 1:
             raise ValueError(f"transform workers = {workers}: need at least 1")
         if shm_bytes < ALIGNMENT:
@@ -308,7 +319,7 @@ class ProcessTransformRunner:
         multiprocessing.set_forkserver_preload([__name__])
         self._context = multiprocessing.get_context("forkserver")
         self._make_worker: Callable[[int], _Worker] = lambda number: _Worker(
-            self._context, reference, self.name, shm_bytes, number
+            self._context, reference, self.name, shm_bytes, number, nice
         )
         self._workers: list[_Worker] = []
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()

@@ -6,6 +6,7 @@ resume), a wrong output type, callables named by path, and the runner's lifetime
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +141,9 @@ def test_the_process_pool_lives_as_long_as_the_loader(digits: str) -> None:
     assert isinstance(runner, ProcessTransformRunner)
     pids = runner.pids
     assert len(pids) == 2 and all(alive(pid) for pid in pids)  # transform_workers' default
+    # Like the decode threads, the workers run data.thread_nice (10) above the loader.
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in pids] == [min(19, mine + 10)] * 2
     one_epoch(loader)  # the next epoch keeps the same pool
     assert loader.transform_runner is runner and runner.pids == pids
     loader.close()

@@ -24,7 +24,8 @@ Both evaluate on the held-out split after every epoch (``train.eval_url``). Per 
                         interpolated linearly between evaluations); null when never reached
     speedup             the dense run's time to that target over this method's
     final_eval_loss     held-out loss after the last epoch, and its gap to dense in %
-    bytes_per_step      payload each rank sent a step (``comm_bytes``), over compressed steps
+    bytes_per_step      payload each rank sent a step (``comm_bytes``), after the warm-up of
+                        ``compression.start_step`` steps (sent whole, in bf16); with it too
     wire_bytes_per_step what crossed the shaped loopback a step, all ranks (tx counter)
     median_step_s       the median training step, evaluation excluded
 
@@ -54,17 +55,19 @@ from shaped_link import shaped_namespace, unavailable
 from dataflow.convert.config import ConvertConfig
 from dataflow.convert.job import convert
 from dataflow.datasets import write_digits_folder
+from trainer.config import CompressionConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("none", "bf16", "powersgd", "topk", "sign")
 MODELS = {
     "gpt": ["--model.name=gpt", "--model.dim=256", "--model.layers=6", "--model.heads=4",
             "--model.vocab_size=1024", "--model.seq_len=32", "--data.label_field=",
-            "--data.global_batch=32", "--data.shuffle_window=2", "--optim.lr=0.003",
-            "--train.epochs=8"],
+            "--data.global_batch=32", "--data.shuffle_window=2", "--optim.lr=0.003"],
     "cnn": ["--config", "configs/demo.toml", "--data.decode_backend=cpu", "--data.audit=false",
-            "--model.width=32", "--train.epochs=5"],
+            "--model.width=32"],
 }  # fmt: skip
+EPOCHS = {"gpt": 8, "cnn": 5}
+START = CompressionConfig().start_step
 TARGET_FRACTION = 0.9
 """The dense run's held-out loss at this share of its steps is the target."""
 
@@ -109,11 +112,14 @@ def write_sequences(path: str, *, count: int, seed: int) -> None:
 
 
 def command(model: str, method: str, splits: tuple[str, str], out_dir: str) -> list[str]:
+    """The trainer's command line; ``method@F`` trains F times the model's epochs."""
+    method, _, factor = method.partition("@")
+    epochs = round(EPOCHS[model] * float(factor or 1))
     return [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-        "-m", "trainer.train", *MODELS[model], f"--data.url={splits[0]}",
-        f"--train.eval_url={splits[1]}", "--train.progress=false", "--checkpoint.interval=0",
-        "--checkpoint.resume=never", f"--train.out_dir={out_dir}",
+        "-m", "trainer.train", *MODELS[model], f"--train.epochs={epochs}",
+        f"--data.url={splits[0]}", f"--train.eval_url={splits[1]}", "--train.progress=false",
+        "--checkpoint.interval=0", "--checkpoint.resume=never", f"--train.out_dir={out_dir}",
         f"--compression.method={method}",
     ]  # fmt: skip
 
@@ -130,16 +136,19 @@ def train(argv: list[str], link_mbit: float, out_dir: str, reuse: bool) -> dict[
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=REPO)
     with shaped_namespace(link_mbit) as namespace:
         before = namespace.tx_bytes()
-        # A session of its own: stopped, the whole of torchrun and its ranks goes with it.
         process = subprocess.Popen(namespace.command(argv), cwd=REPO, env=env, text=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    start_new_session=True)  # fmt: skip
         try:
             _, errors = process.communicate()
         finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+            if process.poll() is None:  # stopped: torchrun ends its ranks (sessions of their own)
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
         wire = namespace.tx_bytes() - before
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)}: exited {process.returncode}\n{errors[-3000:]}")
@@ -165,7 +174,8 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
             continue
         curve.append((record["step"], last_step_time - started - evaluating, record["loss"]))
         evaluating += record["time"] - last_step_time
-    compressed = [r for r in steps if r.get("comm_bytes", 0) < r.get("comm_bytes_dense", 0)]
+    # Compressed steps: after the warm-up (sent whole, in bf16), when the compressor has one.
+    compressed = [r for r in steps if r["step"] > START and "comm_bytes" in r]
     summary: dict[str, Any] = {
         "steps": len(steps),
         "median_step_s": statistics.median(r["step_s"] for r in steps[2:]),
@@ -178,6 +188,7 @@ def summarise(run: dict[str, Any]) -> dict[str, Any]:
     }
     if compressed:
         summary["bytes_per_step"] = statistics.mean(r["comm_bytes"] for r in compressed)
+        summary["bytes_per_step_with_warm_up"] = statistics.mean(r["comm_bytes"] for r in steps)
         summary["dense_bytes_per_step"] = statistics.mean(r["comm_bytes_dense"] for r in steps)
     return summary
 
@@ -254,7 +265,9 @@ def main() -> int:
     arguments = _cli.parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--link-mbit", default="100,1000")
     arguments.add_argument("--models", default=",".join(MODELS))
-    arguments.add_argument("--methods", default=",".join(METHODS))
+    arguments.add_argument("--methods", default=",".join(METHODS),
+                           help="method@F trains F times the epochs (time to accuracy lets a "
+                                "cheaper step take more of them)")  # fmt: skip
     arguments.add_argument(
         "--reuse",
         action="store_true",
@@ -264,8 +277,9 @@ def main() -> int:
     arguments.add_argument("--out", default=os.path.join(REPO, "reports"))
     args, _ = _cli.parse(arguments)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "none" not in methods or not set(methods) <= set(METHODS):
-        arguments.error(f"--methods must include none and be among {', '.join(METHODS)}")
+    if "none" not in methods or not {m.partition("@")[0] for m in methods} <= set(METHODS):
+        arguments.error(f"--methods must include none and be among {', '.join(METHODS)}"
+                        " (method@F: F times the epochs, e.g. powersgd@1.5)")  # fmt: skip
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models or not set(models) <= set(MODELS):
         arguments.error(f"--models must be among {', '.join(MODELS)}")

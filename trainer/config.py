@@ -250,9 +250,9 @@ class CompressionConfig:
     feedback — or 'package.module:function' taking this section, returning a Compressor."""
     powersgd_rank: int = 4
     """PowerSGD: rank of the P·Qᵀ approximation of each gradient matrix."""
-    powersgd_start_step: int = 10
-    """PowerSGD: exact all-reduce for this many steps first, while gradients are large and
-    change fast."""
+    start_step: int = 20
+    """powersgd, topk, sign: exact all-reduce for this many steps first, while gradients are
+    large and change fast (PowerSGD's start_iter; why 20: trainer/compression/base.py)."""
     powersgd_warm_start: bool = True
     """PowerSGD: start each step's power iteration from the last step's Q."""
     topk_ratio: float = 0.01
@@ -264,10 +264,8 @@ class CompressionConfig:
         COMPRESSORS.check(self.method)
         if self.powersgd_rank < 1:
             raise ValueError(f"compression.powersgd_rank must be >= 1, got {self.powersgd_rank}")
-        if self.powersgd_start_step < 0:
-            raise ValueError(
-                f"compression.powersgd_start_step must be >= 0, got {self.powersgd_start_step}"
-            )
+        if self.start_step < 0:
+            raise ValueError(f"compression.start_step must be >= 0, got {self.start_step}")
         if not 0 < self.topk_ratio <= 1:
             raise ValueError(f"compression.topk_ratio must be within (0, 1], got {self.topk_ratio}")
 

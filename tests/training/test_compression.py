@@ -52,14 +52,15 @@ def test_casts_halve_the_bytes_within_their_rounding(worker_results: dict[str, A
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize(
     ("name", "least_ratio", "final_error"),
-    [("powersgd", 19, 0.02), ("topk", 49, 0.08), ("sign", 30, 0.06)],
+    [("powersgd", 19, 0.02), ("topk", 42, 0.08), ("sign", 27, 0.06)],
 )
 def test_error_feedback_brings_the_running_sum_to_the_exact_one(
     worker_results: dict[str, Any], name: str, least_ratio: float, final_error: float
 ) -> None:
     """A 256×128 matrix and a 128 vector, a fixed gradient per rank. Measured after 800 steps:
     PowerSGD rank 4 19.8× fewer bytes, error 0.0085; top-k 1% 50.1×, 0.052; sign 31.0×, 0.044
-    (from 0.64, 0.93 and 0.67 for a single step)."""
+    (from 0.64, 0.93 and 0.67 for a single step). Top-k and sign send the vector exactly
+    since issue 20 (its 512 bytes are 16 % and 11 % of what they send): 42.1× and 27.8×."""
     result = worker_results[name]
     assert result["ranks_agree"]
     assert ratio(result) >= least_ratio, result
@@ -86,8 +87,8 @@ def test_powersgd_passes_a_gradient_of_lower_rank_through_exactly(
 
 
 def test_compression_settings_are_checked() -> None:
-    with pytest.raises(ValueError, match="powersgd_start_step"):
-        CompressionConfig(method="powersgd", powersgd_start_step=-1)
+    with pytest.raises(ValueError, match="start_step"):
+        CompressionConfig(method="powersgd", start_step=-1)
     with pytest.raises(ValueError, match="topk_ratio"):
         CompressionConfig(method="topk", topk_ratio=0.0)
 
@@ -127,7 +128,7 @@ def test_training_with_compression_learns_like_without(
 ) -> None:  # fmt: skip
     records = run_trainer(tmp_path, [*DIGITS, f"--data.url={digits_dataset}",
                                      f"--compression.method={method}",
-                                     "--compression.powersgd_start_step=5"], nproc=2)  # fmt: skip
+                                     "--compression.start_step=5"], nproc=2)  # fmt: skip
     steps = [r for r in records if r["event"] == "step"]
     assert all("comm_bytes" in r and r["comm_bytes"] > 0 for r in steps)
     compressed = [r["compression_ratio"] for r in steps[10:]]
@@ -158,7 +159,7 @@ def test_a_resume_restores_the_compression_state_exactly(
     import torch.distributed.checkpoint as dcp
 
     options = [*DIGITS, f"--data.url={digits_dataset}", f"--compression.method={method}",
-               "--compression.powersgd_start_step=5", "--train.max_steps=20",
+               "--compression.start_step=5", "--train.max_steps=20",
                "--checkpoint.interval=10", "--checkpoint.keep=3"]  # fmt: skip
     whole = run_trainer(tmp_path / "whole", options, nproc=2)
     checkpoint = tmp_path / "whole" / "checkpoints" / "step-00000010"
@@ -194,7 +195,7 @@ def test_a_resume_at_another_world_size_starts_from_the_mean_residuals(
     from trainer.config import CheckpointConfig
 
     options = [*DIGITS, f"--data.url={digits_dataset}", "--compression.method=topk",
-               "--checkpoint.interval=10"]  # fmt: skip
+               "--compression.start_step=2", "--checkpoint.interval=10"]  # fmt: skip
     run_trainer(tmp_path / "two", [*options, "--train.max_steps=10"], nproc=2)
     checkpoint = tmp_path / "two" / "checkpoints" / "step-00000010"
 

@@ -90,7 +90,7 @@ def test_the_hook_path_trains_exactly_like_native_hsdp(
     records = run_trainer(tmp_path, [*TOKENS, "--train.max_steps=6", f"--data.url={token_dataset}",
                                      "--compression.method=powersgd",
                                      "--compression.powersgd_rank=4096",
-                                     "--compression.powersgd_start_step=0"], nproc=4)  # fmt: skip
+                                     "--compression.start_step=0"], nproc=4)  # fmt: skip
     got, want = step_losses(records), step_losses(native)
     np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-4, atol=1e-5)
     for record in steps(records):
@@ -116,7 +116,7 @@ def test_hsdp_with_compression_learns_like_native(
     common = [*DIGITS, f"--data.url={digits_dataset}", "--train.epochs=3"]
     native = native_digits
     records = steps(run_trainer(tmp_path / method, [*common, f"--compression.method={method}",
-                                                   "--compression.powersgd_start_step=5"],
+                                                   "--compression.start_step=5"],
                                 nproc=4))  # fmt: skip
     ratios = [r["compression_ratio"] for r in records[10:]]
     assert min(ratios) > LEAST_RATIO[method], ratios

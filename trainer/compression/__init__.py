@@ -22,7 +22,7 @@ Where it applies:
   ``dp_replicate`` group — the cross-node link — compressed. Native HSDP would all-reduce
   that shard densely inside FSDP2, with no hook to compress it.
 
-The first ``warmup_steps`` steps go dense (2, or PowerSGD's start step). Residuals and
+The first ``compression.start_step`` steps go dense. Residuals and
 PowerSGD's Q are kept per parameter name (a shard's, under HSDP), so bucket layouts do not
 matter; ``state_dict()`` holds this rank's state for the checkpoint, restored as it was when
 the world size is unchanged; at another world size each rank starts from the mean state of
@@ -72,13 +72,13 @@ COMPRESSORS: Registry[CompressorFactory] = Registry("compressor", "compression.m
 COMPRESSORS.register("none")(lambda config: None)
 COMPRESSORS.register("fp16")(lambda config: Cast(torch.float16))
 COMPRESSORS.register("bf16")(lambda config: Cast(torch.bfloat16))
-COMPRESSORS.register("topk")(lambda config: TopK(config.topk_ratio))
-COMPRESSORS.register("sign")(lambda config: Sign())
+COMPRESSORS.register("topk")(lambda config: TopK(config.topk_ratio, start_step=config.start_step))
+COMPRESSORS.register("sign")(lambda config: Sign(start_step=config.start_step))
 
 
 @COMPRESSORS.register("powersgd")
 def _powersgd(config: CompressionConfig) -> Compressor:
-    return PowerSGD(rank=config.powersgd_rank, start_step=config.powersgd_start_step,
+    return PowerSGD(rank=config.powersgd_rank, start_step=config.start_step,
                     warm_start=config.powersgd_warm_start)  # fmt: skip
 
 

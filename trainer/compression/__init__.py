@@ -22,7 +22,7 @@ Where it applies:
   ``dp_replicate`` group — the cross-node link — compressed. Native HSDP would all-reduce
   that shard densely inside FSDP2, with no hook to compress it.
 
-The first ``compression.start_step`` steps go dense. Residuals and
+The first ``compression.start_step`` steps send every entry (in bf16). Residuals and
 PowerSGD's Q are kept per parameter name (a shard's, under HSDP), so bucket layouts do not
 matter; ``state_dict()`` holds this rank's state for the checkpoint, restored as it was when
 the world size is unchanged; at another world size each rank starts from the mean state of

@@ -495,6 +495,12 @@ class _Run:
 
     def _image_buffer(self, count: int) -> np.ndarray:
         size = self.loader.config.image_size
+        if self.context.samples_out:
+            # Samples hand out views of single rows (to the transform, or to a user collate
+            # as they are). A row's view keeps only the memory's owner alive, not the pooled
+            # batch view the pool watches, so the pool would reuse the memory under them:
+            # this batch gets memory of its own, freed when its last row view goes.
+            return np.empty((count, size, size, 3), np.uint8)
         return self.loader._buffers.array((count, size, size, 3))
 
     def _put(self, item: object) -> None:

@@ -5,6 +5,7 @@ resume), a wrong output type, callables named by path, and the runner's lifetime
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 from pathlib import Path
@@ -244,6 +245,22 @@ def test_transforms_that_drop_the_key_still_leave_the_loaders_record(
     assert bare.metrics()["samples"] == 20
     audit = (tmp_path / "audit" / "rank-0.tsv").read_text().splitlines()
     assert [line.split("\t")[2] for line in audit] == [key for keys in want for key in keys]
+
+
+def test_samples_handed_out_keep_their_pixels_while_later_batches_decode(digits: str) -> None:
+    """A collate or transform that keeps a sample's image as it got it holds a view of one
+    row of the batch's memory: later batches must not be decoded into that memory."""
+    plain = take(make(digits, global_batch=16, shuffle=False), 12)
+    for options in ({"collate": user_transforms.samples_as_batch},
+                    {"collate": user_transforms.samples_as_batch,
+                     "sample_transform": user_transforms.identity}):  # fmt: skip
+        held = []
+        for batch in batches_of(make(digits, global_batch=16, shuffle=False, **options), 12):
+            held.append(batch)
+            gc.collect()  # what the pool watches goes as soon as nothing refers to it
+        for want, got in zip(plain, held, strict=True):
+            images = np.stack([sample["image"] for sample in got["samples"]])
+            assert np.array_equal(images, want.images.numpy()), options
 
 
 def test_the_runner_factory() -> None:

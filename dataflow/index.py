@@ -412,7 +412,7 @@ def _check_members(data: bytes, where: str, num_samples: int | None) -> None:
                     hint="re-convert, or index the shards again with tools/convert.py",
                 )
             try:
-                with archive.open(info) as member:
+                with NUMPY_LOAD_LOCK, archive.open(info) as member:
                     version = np.lib.format.read_magic(member)
                     if version == (1, 0):
                         shape, _, dtype = np.lib.format.read_array_header_1_0(member)

@@ -41,8 +41,8 @@ def forward_backward(
     on_output: Callable[[Any, torch.Tensor], None] | None = None,
 ) -> torch.Tensor | None:
     """Accumulate gradients of the mean loss; returns this rank's loss (None off the last
-    stage). ``on_output(output, targets)`` sees the model's output (not with pp > 1, where
-    the schedule keeps it), e.g. to count correct predictions."""
+    stage). ``on_output(output, targets)`` sees the model's output — with pp > 1 each
+    microbatch's, on the last stage — e.g. to count correct predictions."""
     loss_fn: LossFn = model.loss_fn  # type: ignore[assignment]
     with precision:
         if model.schedule is None:
@@ -54,14 +54,19 @@ def forward_backward(
             model.sync.after_backward()
             return loss.detach()
         losses: list[torch.Tensor] = []
-        if model.first_stage and model.last_stage:
-            model.schedule.step(inputs, target=targets, losses=losses)
-        elif model.first_stage:
-            model.schedule.step(inputs)
-        elif model.last_stage:
-            model.schedule.step(target=targets, losses=losses)
-        else:
-            model.schedule.step()
+        assert model.observed is not None
+        model.observed.observer = on_output
+        try:
+            if model.first_stage and model.last_stage:
+                model.schedule.step(inputs, target=targets, losses=losses)
+            elif model.first_stage:
+                model.schedule.step(inputs)
+            elif model.last_stage:
+                model.schedule.step(target=targets, losses=losses)
+            else:
+                model.schedule.step()
+        finally:
+            model.observed.observer = None
     return torch.stack(losses).mean().detach() if model.last_stage else None
 
 

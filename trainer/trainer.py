@@ -161,6 +161,8 @@ class Trainer:
         self._loader_given = loader
         self.step_count = 0
         """Optimizer steps done (restored from a checkpoint on resume)."""
+        self._metric_names: list[str] | None = None
+        """The task's training metrics, by name, once the first step has shown them."""
 
     # -----------------------------------------------------------------------------------------
     # Entry
@@ -407,9 +409,12 @@ class Trainer:
             metric_fn = self.task.metrics
 
             def on_output(output: Any, wanted: torch.Tensor) -> None:
+                # Once a step, or once per microbatch with pp > 1: the sums add up.
                 with torch.no_grad():
-                    sums.update(metric_fn(output.detach(), wanted))
-                sums["targets"] = torch.tensor(wanted.numel())
+                    found = metric_fn(output.detach(), wanted)
+                found["targets"] = torch.tensor(wanted.numel())
+                for name, value in found.items():
+                    sums[name] = sums[name] + value if name in sums else value
 
         loss = forward_backward(model, inputs, targets, precision=self.precision,
                                 on_output=on_output)  # fmt: skip
@@ -441,13 +446,24 @@ class Trainer:
 
     def _training_metrics(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
         """The task's training metrics as global means over the step's targets."""
-        if not self.task.train_metrics or self.layout.pp > 1 or not sums:
+        if not self.task.train_metrics or self.task.metrics is None:
             return {}
-        names = sorted(name for name in sums if name != "targets")
-        values = torch.tensor([float(sums[name]) for name in [*names, "targets"]],
+        names = self._metric_names
+        if names is None:
+            names = sorted(name for name in sums if name != "targets")
+            if self.layout.pp > 1:
+                # Only last stages see outputs: every rank learns the names once, from them.
+                gathered: list[list[str] | None] = [None] * self.layout.world_size
+                dist.all_gather_object(gathered, names)
+                names = next((found for found in gathered if found), [])
+            self._metric_names = names
+        if not names:
+            return {}
+        values = torch.tensor([float(sums.get(name, 0.0)) for name in [*names, "targets"]],
                               dtype=torch.float64)  # fmt: skip
         if self.layout.world_size > 1:
-            # TP peers hold the same outputs: count them once.
+            # TP peers hold the same outputs: count them once (with pp > 1, earlier stages
+            # add zeros).
             values /= self.layout.tp
             dist.all_reduce(values)
         count = max(float(values[-1]), 1.0)

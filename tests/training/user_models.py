@@ -5,6 +5,8 @@
 in buffers), a custom ``nn.Parameter`` on the root (a learned per-class logit bias scaled by a
 learned temperature) and a linear head. ``gpt2``: a Hugging Face GPT-2 from a small
 ``GPT2Config``, its blocks as FSDP units, returning logits for the ``lm`` task.
+``token_net``: a small language model that is no StagedModel, pipelined at the cut points
+its spec gives; ``next_token``: next-token prediction with its accuracy logged.
 """
 
 from __future__ import annotations
@@ -76,3 +78,53 @@ def gpt2(vocab_size: int = 64, seq_len: int = 32, dim: int = 32, layers: int = 2
     config = GPT2Config(vocab_size=vocab_size, n_positions=seq_len, n_embd=dim, n_layer=layers,
                         n_head=heads, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # fmt: skip
     return ModelSpec(module=Logits(GPT2LMHeadModel(config)), wrap_classes=(GPT2Block,), task="lm")
+
+
+class Residual(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.up = nn.Linear(dim, 2 * dim)
+        self.down = nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(nn.functional.gelu(self.up(self.norm(x))))
+
+
+class TokenNet(nn.Module):
+    """Embedding → residual blocks → norm → head. Its forward skips what a pipeline stage
+    does not hold (None children, deleted blocks), as ModelSpec.pp_cut_points asks."""
+
+    def __init__(self, *, vocab_size: int, dim: int, layers: int) -> None:
+        super().__init__()
+        self.embed: nn.Module | None = nn.Embedding(vocab_size, dim)
+        self.layers = nn.ModuleList(Residual(dim) for _ in range(layers))
+        self.norm: nn.Module | None = nn.LayerNorm(dim)
+        self.head: nn.Module | None = nn.Linear(dim, vocab_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embed is not None:
+            x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        if self.norm is not None:
+            x = self.norm(x)
+        if self.head is not None:
+            x = self.head(x)
+        return x
+
+
+def token_net(vocab_size: int = 64, dim: int = 32, layers: int = 4,
+              cut_points: tuple[str, ...] = ()) -> ModelSpec:  # fmt: skip
+    module = TokenNet(vocab_size=vocab_size, dim=dim, layers=layers)
+    return ModelSpec(module=module, pp_cut_points=tuple(cut_points), task="lm")
+
+
+def next_token(field: str = "tokens") -> Task:
+    """Next-token prediction over a token field, its training accuracy logged."""
+
+    def split(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = batch[field].long().to(device)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+
+    return Task(split=split, metrics=correct, train_metrics=True)

@@ -3,7 +3,8 @@
 A model factory (``model.name``: a registered name, or ``"package.module:function"`` called
 with ``model.options``) returns an ``nn.Module`` or a ``ModelSpec``. A bare module becomes a
 spec with every default: FSDP2 and activation checkpointing wrap its children, no tensor
-or pipeline parallelism, and its own initialisation.
+or pipeline parallelism (``tp_plan`` and ``pp_cut_points`` turn those on), and its own
+initialisation.
 
 Initialisation, one of two ways, both the same in every layout:
 
@@ -42,6 +43,13 @@ class ModelSpec:
     tp_plan: dict[str, str] | None = None
     """Tensor parallelism: submodule name → 'colwise' | 'rowwise', relative to each block of
     a StagedModel, else to the module. None: the module's TP_PLAN attribute, if any."""
+    pp_cut_points: tuple[str, ...] = ()
+    """Pipeline parallelism: the units where each later stage begins, in forward order — a
+    child's name, or a ModuleList/ModuleDict/Sequential child's item (``"layers.4"``); as
+    many stages as parallel.pp × stages_per_rank. A stage keeps its units; the others are
+    deleted from their container or set to None, so the forward must skip None children
+    and iterate its containers (trainer.parallel.pipeline). Empty: a StagedModel is split
+    evenly between its blocks; another module cannot be pipelined."""
     init: Callable[[nn.Module, int], None] | None = None
     """init(part, seed) after sharding (see the module note); None: the module's own values."""
     task: str = ""
@@ -52,6 +60,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.module, nn.Module):
             raise TypeError(f"ModelSpec.module must be an nn.Module, got {type(self.module)}")
+        self.pp_cut_points = tuple(self.pp_cut_points)
         for name, style in (self.tp_plan or {}).items():
             if style not in TP_STYLES:
                 raise ValueError(f"ModelSpec.tp_plan[{name!r}] = {style!r}: use one of {TP_STYLES}")

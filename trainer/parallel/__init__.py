@@ -2,7 +2,8 @@
 
 1. build the model (``trainer.models.ModelSpec``): the reference models on the meta device
    (no memory, whatever their size), a user's model as its function builds it;
-2. pipeline: keep this rank's stages (``pipeline.split_model``; StagedModels only);
+2. pipeline: keep this rank's stages (``pipeline.split_stage``: the spec's cut points, or
+   a StagedModel's blocks);
 3. tensor parallel: DTensor column/row plans on the tp mesh (``tensor``; the spec's plan);
 4. activation checkpointing around each unit — the blocks, the spec's wrap classes, or the
    module's children (``data``);
@@ -33,7 +34,7 @@ from torch import nn
 from trainer.comm import FlatAllReduce, HierarchicalAllReduce, node_grid
 from trainer.compression import build_compressor
 from trainer.config import CompressionConfig, ModelConfig, ParallelConfig
-from trainer.models import ModelSpec, StagedModel, build_spec, copy_values, own_values
+from trainer.models import ModelSpec, build_spec, copy_values, own_values
 from trainer.parallel.data import (
     CommTimer,
     apply_activation_checkpointing,
@@ -41,7 +42,13 @@ from trainer.parallel.data import (
     apply_fsdp,
 )
 from trainer.parallel.mesh import Layout, build_layout, resolve
-from trainer.parallel.pipeline import Schedule, build_schedule, split_model, stage_indices
+from trainer.parallel.pipeline import (
+    ObservedLoss,
+    Schedule,
+    build_schedule,
+    split_stage,
+    stage_indices,
+)
 from trainer.parallel.sync import (
     DDPSync,
     DecentralizedSync,
@@ -63,6 +70,8 @@ class ParallelModel:
     """(output, target) → mean loss (the task's)."""
     schedule: Schedule | None
     """The pipeline schedule, when pp > 1."""
+    observed: ObservedLoss | None
+    """The loss the schedule calls per microbatch (pp > 1), to watch its outputs through."""
     first_stage: bool
     """Whether this rank feeds inputs (holds stage 0)."""
     last_stage: bool
@@ -103,14 +112,9 @@ def parallelize(
     stage_ids, stages = [0], 1
     if layout.pp > 1:
         assert layout.mesh is not None
-        if not isinstance(whole, StagedModel):
-            raise ValueError(
-                f"parallel.pp = {layout.pp} needs a model that can be cut between blocks; "
-                f"{described} built a {type(whole).__name__}, not a trainer.models.StagedModel "
-                "(input_layer → blocks → output_layer): subclass it, or set parallel.pp = 1"
-            )
         stage_ids, stages = stage_indices(config, layout.pp_rank)
-        parts = [split_model(whole, index, stages) for index in stage_ids]
+        parts = [split_stage(whole, spec.pp_cut_points, index, stages, described=described)
+                 for index in stage_ids]  # fmt: skip
     if layout.tp > 1:
         plan = spec.plan
         if plan is None:
@@ -209,11 +213,13 @@ def parallelize(
         sync = DecentralizedSync(config, wrapped, layout)
     elif strategy == "none":
         sync = GradientSync()
-    schedule = None
+    schedule, observed = None, None
     if layout.pp > 1:
+        observed = ObservedLoss(loss_fn)
         schedule = build_schedule(config, wrapped, stage_ids, stages, device=device,
-                                  group=layout.group("pp"), loss_fn=loss_fn)  # fmt: skip
+                                  group=layout.group("pp"), loss_fn=observed)  # fmt: skip
     return ParallelModel(
-        parts=wrapped, loss_fn=loss_fn, schedule=schedule, first_stage=0 in stage_ids,
+        parts=wrapped, loss_fn=loss_fn, schedule=schedule, observed=observed,
+        first_stage=0 in stage_ids,
         last_stage=stages - 1 in stage_ids, strategy=strategy, sync=sync,
     )  # fmt: skip

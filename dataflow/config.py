@@ -173,6 +173,9 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
 
 
 def _unknown_key_error(cls: type, key: str, where: str) -> ConfigError:
+    moved: dict[str, str] = getattr(cls, "MOVED", {})
+    if key in moved:
+        return ConfigError(f"'{key}' in [{where}] has moved: set {moved[key]}")
     names = [f.name for f in dataclasses.fields(cls)]
     close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""

@@ -52,19 +52,19 @@ STRATEGIES: dict[str, tuple[list[str], str, float]] = {
                   "local_sgd", 1.0),
 }  # fmt: skip
 LOCAL_STEPS = 8
-GPT = ["--model.name=gpt", "--model.seq_len=32", "--data.label_field=", "--data.global_batch=32",
-       "--data.shuffle_window=2", "--optim.lr=0.003"]  # fmt: skip
+GPT = ["--model.name=gpt", "--model.gpt.seq_len=32", "--data.label_field=",
+       "--data.global_batch=32", "--data.shuffle_window=2", "--optim.lr=0.003"]  # fmt: skip
 SHORT = 4
 
 
 def gradient_bytes() -> int:
     import torch
 
-    from trainer.config import ModelConfig
+    from trainer.config import GPTConfig, ModelConfig
     from trainer.models import build_model
 
     with torch.device("meta"):
-        model = build_model(ModelConfig(name="gpt", seq_len=32), num_classes=0)
+        model = build_model(ModelConfig(name="gpt", gpt=GPTConfig(seq_len=32)), num_classes=0)
     return 4 * sum(p.numel() for p in model.parameters())
 
 

@@ -71,11 +71,12 @@ from trainer.config import CompressionConfig
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ("none", "bf16", "powersgd", "topk", "sign")
 MODELS = {
-    "gpt": ["--model.name=gpt", "--model.dim=256", "--model.layers=6", "--model.heads=4",
-            "--model.vocab_size=1024", "--model.seq_len=32", "--data.label_field=",
-            "--data.global_batch=32", "--data.shuffle_window=2", "--optim.lr=0.003"],
+    "gpt": ["--model.name=gpt", "--model.gpt.dim=256", "--model.gpt.layers=6",
+            "--model.gpt.heads=4", "--model.gpt.vocab_size=1024", "--model.gpt.seq_len=32",
+            "--data.label_field=", "--data.global_batch=32", "--data.shuffle_window=2",
+            "--optim.lr=0.003"],
     "cnn": ["--config", "configs/demo.toml", "--data.decode_backend=cpu", "--data.audit=false",
-            "--model.width=32"],
+            "--model.cnn.width=32"],
 }  # fmt: skip
 EPOCHS = {"gpt": 8, "cnn": 5}
 START = CompressionConfig().start_step

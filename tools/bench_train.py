@@ -102,9 +102,9 @@ SCENARIOS = {
     "digits-dali": Scenario("digits CNN, backend=dali", "digits", DEMO,
                             ("data.decode_backend=dali",), 100),
     "photos": Scenario("photos 224 CNN, CPU decode", "photos", None,
-                       ("data.global_batch=16", "model.width=16"), 10),
+                       ("data.global_batch=16", "model.cnn.width=16"), 10),
     "photos-dali": Scenario("photos 224 CNN, DALI decode", "photos", None,
-                            ("data.global_batch=16", "model.width=16",
+                            ("data.global_batch=16", "model.cnn.width=16",
                              "data.decode_backend=dali"), 10),
 }  # fmt: skip
 

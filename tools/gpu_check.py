@@ -78,7 +78,7 @@ def train_run(out_dir: str, overrides: list[str], nproc: int = 1) -> dict[str, o
 def training_stall(shards: str, out: str) -> dict[str, object]:
     """The CNN on 224-pixel photos on one GPU: DALI mixed decode vs CPU decode."""
     common = [f"--data.url={shards}", "--data.global_batch=256", "--data.image_size=224",
-              "--model.name=cnn", "--model.width=64", "--model.blocks=[2,2,2]",
+              "--model.name=cnn", "--model.cnn.width=64", "--model.cnn.blocks=[2,2,2]",
               "--train.mixed_precision=bf16", "--train.max_steps=60", "--train.epochs=1000",
               "--train.progress=false",
               "--checkpoint.resume=never", "--train.log_every=5"]  # fmt: skip
@@ -96,8 +96,9 @@ def nccl_layouts(out: str) -> dict[str, object]:
     tokens = os.path.join(out, "tokens")
     write_counting_sequences(tokens)
     common = [f"--data.url={tokens}/ds", "--data.global_batch=32", "--data.label_field=",
-              "--model.name=gpt", "--model.vocab_size=64", "--model.seq_len=32",
-              "--model.dim=64", "--model.layers=4", "--model.heads=4", "--train.max_steps=8",
+              "--model.name=gpt", "--model.gpt.vocab_size=64", "--model.gpt.seq_len=32",
+              "--model.gpt.dim=64", "--model.gpt.layers=4", "--model.gpt.heads=4",
+              "--train.max_steps=8",
               "--train.progress=false", "--checkpoint.resume=never"]  # fmt: skip
     reference = train_run(os.path.join(out, "nccl-1"), common)
     results: dict[str, object] = {"one GPU": reference}

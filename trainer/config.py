@@ -3,20 +3,50 @@
 Every tool loads its file through ``load`` here, so any file in ``configs/`` works with any
 tool, and an unknown section or key is an error naming the closest valid one. The data
 sections come from ``dataflow``; the trainer's own sections (``train``, ``model``,
-``parallel``, ``optim``, ``checkpoint``) are defined here.
+``parallel``, ``optim``, ``compression``, ``checkpoint``) are defined here.
+
+A pluggable part — a model, task, optimizer or compressor — is chosen by name in its
+section (``model.name``, ``train.task``, ``optim.name``, ``compression.method``), and its own
+settings live in a sub-section named after it: ``[model.gpt]``, ``[train.lm]``,
+``[optim.lars]``, ``[compression.powersgd]``; a part named by ``"package.module:function"``
+takes the section's free ``options`` table as keyword arguments (``model.options``,
+``train.task_options``) or reads it (``optim.options``, ``compression.options``). A
+sub-section set for a part that is not chosen is warned about (its settings go unread), and
+a key that moved into a sub-section says where to.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from dataflow.config import load_config
 from dataflow.convert.config import ConvertConfig
 from dataflow.pipeline.config import DataConfig
 from dataflow.storage.config import StorageConfig
+
+
+def check_parts(section: object, where: str, chosen: str, parts: tuple[str, ...]) -> None:
+    """Warn about a part's sub-section, other than the ``chosen`` one, that differs from its
+    defaults: settings nothing will read. A warning, not an error: switching the part of a
+    config file by an override (``--model.name=...`` on configs/hybrid-parallel.toml) is
+    common, and leaves the old part's sub-section behind."""
+    for part in parts:
+        value = getattr(section, part)
+        if part != chosen and value != type(value)():
+            logging.getLogger("trainer.config").warning(
+                "[%s.%s] is set, but %s chooses %r, which does not read it", where, part,
+                where, chosen,
+            )  # fmt: skip
+
+
+@dataclass(kw_only=True)
+class LMTaskConfig:
+    token_field: str = "tokens"
+    """The field holding each sample's tokens (model.gpt.seq_len + 1 of them for the GPT)."""
 
 
 @dataclass(kw_only=True)
@@ -54,6 +84,8 @@ class TrainConfig:
     (cnn: classify, gpt: lm)."""
     task_options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for a task named by 'package.module:function'."""
+    lm: LMTaskConfig = field(default_factory=LMTaskConfig)
+    """The lm task's settings."""
     tensorboard: bool = False
     """Also write the metrics.jsonl scalars as TensorBoard events into {out_dir}/tensorboard."""
 
@@ -74,45 +106,67 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class CNNConfig:
+    num_classes: int = 0
+    """Classes (0: the number of classes recorded in the dataset's index)."""
+    width: int = 32
+    """Channels of the first stage (doubled at each later stage)."""
+    blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
+    """Residual blocks per stage."""
+
+    def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"model.cnn.width must be >= 1, got {self.width}")
+        if self.num_classes < 0:
+            raise ValueError(f"model.cnn.num_classes must be >= 0, got {self.num_classes}")
+        if not self.blocks or min(self.blocks) < 1:
+            raise ValueError(f"model.cnn.blocks needs >= 1 block per stage, got {self.blocks}")
+
+
+@dataclass(kw_only=True)
+class GPTConfig:
+    vocab_size: int = 1024
+    """Token ids lie in [0, vocab_size)."""
+    seq_len: int = 64
+    """Tokens per training sequence (each sample holds seq_len + 1 tokens)."""
+    dim: int = 128
+    """Model width."""
+    layers: int = 4
+    """Transformer blocks."""
+    heads: int = 4
+    """Attention heads (divisible by parallel.tp)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "dim", "layers", "heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.gpt.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.heads:
+            raise ValueError(f"model.gpt.dim {self.dim} is not divisible by heads {self.heads}")
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
+    MOVED: ClassVar[dict[str, str]] = {
+        **{key: f"model.cnn.{key}" for key in ("num_classes", "width", "blocks")},
+        **{key: f"model.gpt.{key}" for key in ("vocab_size", "seq_len", "dim", "layers", "heads")},
+        "token_field": "train.lm.token_field",
+    }
     name: str = "cnn"
-    """cnn: a small ResNet for image shards; gpt: a small decoder-only transformer for tokens;
-    or your own as 'package.module:function' returning an nn.Module or a
-    trainer.models.ModelSpec."""
+    """cnn: a small ResNet for image shards ([model.cnn]); gpt: a small decoder-only
+    transformer for tokens ([model.gpt]); or your own as 'package.module:function' returning
+    an nn.Module or a trainer.models.ModelSpec."""
     options: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments for a model named by 'package.module:function'."""
-    num_classes: int = 0
-    """CNN classes (0: the number of classes recorded in the dataset's index)."""
-    width: int = 32
-    """CNN: channels of the first stage (doubled at each later stage)."""
-    blocks: list[int] = field(default_factory=lambda: [1, 1, 1])
-    """CNN: residual blocks per stage."""
-    vocab_size: int = 1024
-    """GPT: token ids lie in [0, vocab_size)."""
-    seq_len: int = 64
-    """GPT: tokens per training sequence (each sample holds seq_len + 1 tokens)."""
-    dim: int = 128
-    """GPT: model width."""
-    layers: int = 4
-    """GPT: transformer blocks."""
-    heads: int = 4
-    """GPT: attention heads (divisible by parallel.tp)."""
-    token_field: str = "tokens"
-    """GPT: the field holding each sample's tokens."""
+    cnn: CNNConfig = field(default_factory=CNNConfig)
+    """The cnn model's settings."""
+    gpt: GPTConfig = field(default_factory=GPTConfig)
+    """The gpt model's settings."""
 
     def __post_init__(self) -> None:
         from trainer.models import MODELS
 
         MODELS.check(self.name)
-        for name in ("width", "vocab_size", "seq_len", "dim", "layers", "heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_classes < 0:
-            raise ValueError(f"model.num_classes must be >= 0, got {self.num_classes}")
-        if not self.blocks or min(self.blocks) < 1:
-            raise ValueError(f"model.blocks needs >= 1 block per stage, got {self.blocks}")
-        if self.dim % self.heads:
-            raise ValueError(f"model.dim {self.dim} is not divisible by heads {self.heads}")
+        check_parts(self, "model", self.name, ("cnn", "gpt"))
 
 
 @dataclass(kw_only=True)
@@ -186,29 +240,84 @@ class ParallelConfig:
             )
 
 
+def _check_betas_eps(where: str, betas: list[float], eps: float) -> None:
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"{where}.betas must be two values in [0, 1), got {betas}")
+    if eps <= 0:
+        raise ValueError(f"{where}.eps must be > 0, got {eps}")
+
+
+@dataclass(kw_only=True)
+class SGDConfig:
+    momentum: float = 0.9
+    """Heavy-ball momentum."""
+
+
+@dataclass(kw_only=True)
+class AdamWConfig:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Moment decay rates."""
+    eps: float = 1e-8
+    """Denominator ε."""
+
+    def __post_init__(self) -> None:
+        _check_betas_eps("optim.adamw", self.betas, self.eps)
+
+
+@dataclass(kw_only=True)
+class LambConfig:
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Moment decay rates."""
+    eps: float = 1e-8
+    """Denominator ε."""
+    exclude_bias_and_norm: bool = True
+    """Parameters of ≤ 1 dimension (biases, norm gains) take no weight decay and no trust
+    ratio."""
+
+    def __post_init__(self) -> None:
+        _check_betas_eps("optim.lamb", self.betas, self.eps)
+
+
+@dataclass(kw_only=True)
+class LarsConfig:
+    momentum: float = 0.9
+    """Heavy-ball momentum."""
+    trust_coefficient: float = 0.001
+    """η: local lr = η‖w‖ / (‖g‖ + λ‖w‖)."""
+    eps: float = 1e-8
+    """Trust-ratio ε."""
+    larc_clip: bool = False
+    """Clip the local lr at the global one (LARC's clip mode)."""
+    exclude_bias_and_norm: bool = True
+    """Parameters of ≤ 1 dimension (biases, norm gains) take no weight decay and no trust
+    ratio."""
+
+    def __post_init__(self) -> None:
+        if self.eps <= 0 or self.trust_coefficient <= 0:
+            raise ValueError("optim.lars.eps and optim.lars.trust_coefficient must be > 0")
+
+
 @dataclass(kw_only=True)
 class OptimConfig:
+    MOVED: ClassVar[dict[str, str]] = {
+        "momentum": "optim.sgd.momentum (or optim.lars.momentum)",
+        "betas": "optim.adamw.betas (or optim.lamb.betas)",
+        "eps": "optim.adamw.eps (or optim.lamb.eps, optim.lars.eps)",
+        "trust_coefficient": "optim.lars.trust_coefficient",
+        "larc_clip": "optim.lars.larc_clip",
+        "exclude_bias_and_norm": "optim.lamb.exclude_bias_and_norm (or optim.lars.…)",
+    }
     name: str = "adamw"
-    """Optimizer: sgd, adamw, lamb, lars, adafactor, or 'package.module:function' taking
-    (this section, parameters). lamb / lars: layer-wise trust ratios on full-tensor norms
-    under any sharding; adafactor: torch.optim.Adafactor (factored second moments)."""
+    """Optimizer: sgd, adamw, lamb, lars, adafactor (each with its sub-section), or
+    'package.module:function' taking (this section, parameters). lamb / lars: layer-wise
+    trust ratios on full-tensor norms under any sharding; adafactor: torch.optim.Adafactor
+    (factored second moments)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Free settings for an optimizer named by 'package.module:function' (it reads them)."""
     lr: float = 1e-3
     """Peak learning rate at base_batch (see scale_rule)."""
-    momentum: float = 0.9
-    """SGD and LARS momentum."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    """AdamW and LAMB betas."""
-    eps: float = 1e-8
-    """AdamW / LAMB denominator ε; LARS trust-ratio ε."""
     weight_decay: float = 0.0
     """Decoupled weight decay (LAMB / LARS: inside the trust ratio, as the papers do)."""
-    trust_coefficient: float = 0.001
-    """LARS η: local lr = η‖w‖ / (‖g‖ + λ‖w‖)."""
-    larc_clip: bool = False
-    """LARS: clip the local lr at the global one (LARC's clip mode)."""
-    exclude_bias_and_norm: bool = True
-    """LAMB / LARS: parameters of ≤ 1 dimension (biases, norm gains) take no weight decay
-    and no trust ratio."""
     warmup_steps: int = 0
     """Linear warm-up steps from 0 to lr."""
     schedule: Literal["constant", "cosine", "poly"] = "cosine"
@@ -222,52 +331,83 @@ class OptimConfig:
     """Large-batch rule: lr × (data.global_batch / base_batch), or its square root."""
     base_batch: int = 256
     """The global batch that lr was tuned for."""
+    sgd: SGDConfig = field(default_factory=SGDConfig)
+    """SGD's settings."""
+    adamw: AdamWConfig = field(default_factory=AdamWConfig)
+    """AdamW's settings."""
+    lamb: LambConfig = field(default_factory=LambConfig)
+    """LAMB's settings."""
+    lars: LarsConfig = field(default_factory=LarsConfig)
+    """LARS's settings."""
 
     def __post_init__(self) -> None:
         from trainer.optim import OPTIMIZERS
 
         OPTIMIZERS.check(self.name)
+        check_parts(self, "optim", self.name, ("sgd", "adamw", "lamb", "lars"))
         if self.lr <= 0:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"optim.betas must be two values in [0, 1), got {self.betas}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
-        if self.eps <= 0 or self.trust_coefficient <= 0 or self.poly_power <= 0:
-            raise ValueError("optim.eps, optim.trust_coefficient and optim.poly_power must be > 0")
+        if self.poly_power <= 0:
+            raise ValueError(f"optim.poly_power must be > 0, got {self.poly_power}")
         if self.base_batch < 1:
             raise ValueError(f"optim.base_batch must be >= 1, got {self.base_batch}")
 
 
 @dataclass(kw_only=True)
+class PowerSGDConfig:
+    rank: int = 4
+    """Rank of the P·Qᵀ approximation of each gradient matrix."""
+    warm_start: bool = True
+    """Start each step's power iteration from the last step's Q."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError(f"compression.powersgd.rank must be >= 1, got {self.rank}")
+
+
+@dataclass(kw_only=True)
+class TopKConfig:
+    ratio: float = 0.01
+    """Fraction of each parameter's values sent (largest magnitude after error feedback)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"compression.topk.ratio must be within (0, 1], got {self.ratio}")
+
+
+@dataclass(kw_only=True)
 class CompressionConfig:
+    MOVED: ClassVar[dict[str, str]] = {
+        "powersgd_rank": "compression.powersgd.rank",
+        "powersgd_warm_start": "compression.powersgd.warm_start",
+        "topk_ratio": "compression.topk.ratio",
+    }
     method: str = "none"
     """Data-parallel gradient compression — of DDP's all-reduce, or under HSDP of the
     all-reduce across the replicate dimension only: none, fp16, bf16 (casts), powersgd (low
     rank), topk (sparsification) or sign (1 bit a value) — the last three with error
     feedback — or 'package.module:function' taking this section, returning a Compressor."""
-    powersgd_rank: int = 4
-    """PowerSGD: rank of the P·Qᵀ approximation of each gradient matrix."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Free settings for a compressor named by 'package.module:function' (it reads them)."""
     start_step: int = 20
     """powersgd, topk, sign: exact all-reduce for this many steps first, while gradients are
     large and change fast (PowerSGD's start_iter; why 20: trainer/compression/base.py)."""
-    powersgd_warm_start: bool = True
-    """PowerSGD: start each step's power iteration from the last step's Q."""
-    topk_ratio: float = 0.01
-    """top-k: fraction of each parameter's values sent (largest magnitude after error feedback)."""
+    powersgd: PowerSGDConfig = field(default_factory=PowerSGDConfig)
+    """PowerSGD's settings."""
+    topk: TopKConfig = field(default_factory=TopKConfig)
+    """top-k's settings."""
 
     def __post_init__(self) -> None:
         from trainer.compression import COMPRESSORS
 
         COMPRESSORS.check(self.method)
-        if self.powersgd_rank < 1:
-            raise ValueError(f"compression.powersgd_rank must be >= 1, got {self.powersgd_rank}")
+        check_parts(self, "compression", self.method, ("powersgd", "topk"))
         if self.start_step < 0:
             raise ValueError(f"compression.start_step must be >= 0, got {self.start_step}")
-        if not 0 < self.topk_ratio <= 1:
-            raise ValueError(f"compression.topk_ratio must be within (0, 1], got {self.topk_ratio}")
 
 
 @dataclass(kw_only=True)

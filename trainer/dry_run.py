@@ -67,12 +67,13 @@ def _synthetic_batch(config: Config, task: str, rows: int) -> dict[str, Any]:
         return {
             "image": torch.randint(0, 256, (rows, size, size, 3), dtype=torch.uint8,
                                    generator=generator),
-            "label": torch.randint(0, max(config.model.num_classes, 2), (rows,),
+            "label": torch.randint(0, max(config.model.cnn.num_classes, 2), (rows,),
                                    generator=generator),
         }  # fmt: skip
-    tokens = torch.randint(0, config.model.vocab_size, (rows, config.model.seq_len + 1),
+    gpt = config.model.gpt
+    tokens = torch.randint(0, gpt.vocab_size, (rows, gpt.seq_len + 1),
                            generator=generator)  # fmt: skip
-    return {config.model.token_field: tokens}
+    return {config.train.lm.token_field: tokens}
 
 
 def check_batch(config: Config, dp_world: int) -> int:
@@ -102,7 +103,7 @@ def play_rank(config: Config, world_size: int, rank: int) -> RankReport:
         layout = build_layout(config.parallel, rank=rank, world_size=world_size,
                               device_type="cpu")  # fmt: skip
         per_rank = check_batch(config, layout.dp_world)
-        classes = config.model.num_classes or 10
+        classes = config.model.cnn.num_classes or 10
         spec = build_spec(config.model, num_classes=classes, seed=config.train.seed)
         task_name = config.train.task or spec.task
         task = build_task(config, task_name)

@@ -3,8 +3,9 @@ the metrics evaluation (and, for classification, training) reports.
 
     classify   the loader's uint8 images (N×H×W×3, normalised inside the model) and labels;
                cross-entropy; accuracy, logged at every training step too
-    lm         each sample holds ``model.seq_len + 1`` tokens in ``model.token_field``:
-               inputs are the first ``seq_len``, targets the last ``seq_len`` (next-token
+    lm         each sample holds a row of tokens in ``train.lm.token_field`` (for the
+               built-in GPT ``model.gpt.seq_len + 1`` of them, ids below its vocab_size):
+               inputs are all but the last, targets all but the first (next-token
                prediction); cross-entropy per token; per-token accuracy in evaluation
 
 Your own: ``train.task = "package.module:function"``, called with ``train.task_options``,
@@ -71,13 +72,14 @@ def classify(config: Config) -> Task:
 
 @TASKS.register("lm")
 def language_model(config: Config) -> Task:
-    model = config.model
+    field = config.train.lm.token_field
+    # The built-in GPT's sizes are checked here, where an error can name them.
+    gpt = config.model.gpt if config.model.name == "gpt" else None
 
     def split(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        field = model.token_field
         if field not in batch:
             raise ValueError(
-                f"model.token_field {field!r} is not in the batch; it has {sorted(batch)}"
+                f"train.lm.token_field {field!r} is not in the batch; it has {sorted(batch)}"
             )
         rows = batch[field]
         # A token field may arrive as an int32 tensor; the loss wants int64 ids.
@@ -86,15 +88,22 @@ def language_model(config: Config) -> Task:
             if torch.is_tensor(rows)
             else torch.from_numpy(np.stack(rows).astype(np.int64))
         )
-        if tokens.shape[1] != model.seq_len + 1:
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
             raise ValueError(
-                f"samples hold {tokens.shape[1]} tokens; model.seq_len = {model.seq_len} needs "
-                f"{model.seq_len + 1} (inputs plus the next token)"
+                f"train.lm.token_field {field!r} holds rows of shape {tuple(tokens.shape[1:])}; "
+                "the lm task needs one row of at least 2 tokens per sample"
             )
-        if int(tokens.max()) >= model.vocab_size or int(tokens.min()) < 0:
+        if int(tokens.min()) < 0:
+            raise ValueError(f"token ids go down to {int(tokens.min())}; they must be >= 0")
+        if gpt is not None and tokens.shape[1] != gpt.seq_len + 1:
+            raise ValueError(
+                f"samples hold {tokens.shape[1]} tokens; model.gpt.seq_len = {gpt.seq_len} "
+                f"needs {gpt.seq_len + 1} (inputs plus the next token)"
+            )
+        if gpt is not None and int(tokens.max()) >= gpt.vocab_size:
             raise ValueError(
                 f"token ids span [{int(tokens.min())}, {int(tokens.max())}] but "
-                f"model.vocab_size is {model.vocab_size}"
+                f"model.gpt.vocab_size is {gpt.vocab_size}"
             )
         tokens = tokens.to(device, non_blocking=True)
         return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()

@@ -67,7 +67,7 @@ def test_read_only_keys_verify_and_train(users: Users, tmp_path: Path) -> None:
 
     done = users.run(users.reader, "-m", "trainer.train", "--config", "configs/demo.toml",
                      "--data.url=s3://data/digits", "--data.decode_backend=cpu",
-                     "--model.width=8", "--train.epochs=1", "--train.max_steps=4",
+                     "--model.cnn.width=8", "--train.epochs=1", "--train.max_steps=4",
                      "--train.eval_url=", "--train.progress=false",
                      f"--train.out_dir={tmp_path / 'run'}")  # fmt: skip
     assert done.returncode == 0, done.stderr[-4000:]

@@ -18,16 +18,18 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from trainer.compression import build_compressor
-from trainer.config import CompressionConfig
+from trainer.config import CompressionConfig, PowerSGDConfig, TopKConfig
 
 METHODS = {
     "fp16": CompressionConfig(method="fp16"),
     "bf16": CompressionConfig(method="bf16"),
-    "powersgd": CompressionConfig(method="powersgd", powersgd_rank=4, start_step=2),
-    "topk": CompressionConfig(method="topk", topk_ratio=0.01, start_step=2),
+    "powersgd": CompressionConfig(method="powersgd", powersgd=PowerSGDConfig(rank=4), start_step=2),
+    "topk": CompressionConfig(method="topk", topk=TopKConfig(ratio=0.01), start_step=2),
     "sign": CompressionConfig(method="sign", start_step=2),
     # Gradients of rank 3 (no noise): rank-4 PowerSGD must pass them through exactly.
-    "powersgd_lowrank": CompressionConfig(method="powersgd", powersgd_rank=4, start_step=2),
+    "powersgd_lowrank": CompressionConfig(
+        method="powersgd", powersgd=PowerSGDConfig(rank=4), start_step=2
+    ),
 }
 ROWS, COLS = 256, 128
 STEPS = 802  # 2 dense warm-up steps, then 800 compressed ones

@@ -31,8 +31,8 @@ TRAINER_TIMEOUT_S = 240
 
 # The GPT settings every token test shares (small enough for 4 gloo ranks on 2 cores).
 GPT = [
-    "--model.name=gpt", f"--model.vocab_size={VOCAB}", f"--model.seq_len={SEQ_LEN}",
-    "--model.dim=32", "--model.layers=4", "--model.heads=4", "--data.label_field=",
+    "--model.name=gpt", f"--model.gpt.vocab_size={VOCAB}", f"--model.gpt.seq_len={SEQ_LEN}",
+    "--model.gpt.dim=32", "--model.gpt.layers=4", "--model.gpt.heads=4", "--data.label_field=",
     "--data.shuffle_window=2", "--optim.lr=0.01", "--train.progress=false",
 ]  # fmt: skip
 

@@ -15,7 +15,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from trainer.config import ModelConfig, OptimConfig, ParallelConfig
+from trainer.config import (
+    GPTConfig,
+    LambConfig,
+    LarsConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+)
 from trainer.optim import build_optimizer, trust
 from trainer.parallel import build_layout, parallelize
 from trainer.step import forward_backward
@@ -26,16 +33,18 @@ LAYOUTS = {
     "fsdp-tp": ParallelConfig(dp_shard=2, tp=2),
 }
 OPTIMIZERS = {
-    "lamb": OptimConfig(name="lamb", lr=0.02, weight_decay=0.01, eps=1e-6),
-    "lars": OptimConfig(name="lars", lr=0.5, weight_decay=1e-4, trust_coefficient=0.02),
-    "lars-larc": OptimConfig(
-        name="lars", lr=0.5, weight_decay=1e-4, trust_coefficient=0.02, larc_clip=True
-    ),
+    "lamb": OptimConfig(name="lamb", lr=0.02, weight_decay=0.01, lamb=LambConfig(eps=1e-6)),
+    "lars": OptimConfig(name="lars", lr=0.5, weight_decay=1e-4,
+                        lars=LarsConfig(trust_coefficient=0.02)),
+    "lars-larc": OptimConfig(name="lars", lr=0.5, weight_decay=1e-4,
+                             lars=LarsConfig(trust_coefficient=0.02, larc_clip=True)),
     "adamw": OptimConfig(name="adamw", lr=0.01, weight_decay=0.01),
     # The control: LAMB with each rank's local norms (no collective) must visibly differ.
-    "lamb-local-norms": OptimConfig(name="lamb", lr=0.02, weight_decay=0.01, eps=1e-6),
-}
-MODEL = ModelConfig(name="gpt", vocab_size=64, seq_len=16, dim=32, layers=2, heads=4)
+    "lamb-local-norms": OptimConfig(name="lamb", lr=0.02, weight_decay=0.01,
+                                    lamb=LambConfig(eps=1e-6)),
+}  # fmt: skip
+MODEL = ModelConfig(name="gpt", gpt=GPTConfig(vocab_size=64, seq_len=16, dim=32, layers=2,
+                                              heads=4))  # fmt: skip
 STEPS = 3
 SEED = 3
 
@@ -67,7 +76,8 @@ def run(layout_name: str, optimizer_name: str) -> dict[str, Any]:
     differences = []
     for _ in range(STEPS):
         # Every rank the same batch: FSDP's averaged gradient is then the whole batch's.
-        tokens = torch.randint(0, MODEL.vocab_size, (4, MODEL.seq_len + 1), generator=generator)
+        gpt = MODEL.gpt
+        tokens = torch.randint(0, gpt.vocab_size, (4, gpt.seq_len + 1), generator=generator)
         for model, optimizer in zip((sharded, whole), optimizers, strict=True):
             forward_backward(model, tokens[:, :-1], tokens[:, 1:],
                              precision=contextlib.nullcontext())  # fmt: skip

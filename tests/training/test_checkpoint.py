@@ -62,7 +62,7 @@ WORLD_SIZE_TOLERANCE = 1e-5
 # mostly process start-up. CPU decode: these tests are about checkpoints, not DALI.
 DIGITS = [
     "--config", "configs/demo.toml", f"--data.global_batch={GLOBAL_BATCH}", "--data.audit=true",
-    "--data.decode_backend=cpu", "--model.width=8", "--optim.lr=1e-4", "--train.progress=false",
+    "--data.decode_backend=cpu", "--model.cnn.width=8", "--optim.lr=1e-4", "--train.progress=false",
 ]  # fmt: skip
 
 

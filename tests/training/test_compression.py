@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from trainer.config import CompressionConfig
+from trainer.config import CompressionConfig, TopKConfig
 
 from .conftest import ROOT, TRAINER_TIMEOUT_S, free_port, trainer_env
 
@@ -89,13 +89,13 @@ def test_powersgd_passes_a_gradient_of_lower_rank_through_exactly(
 def test_compression_settings_are_checked() -> None:
     with pytest.raises(ValueError, match="start_step"):
         CompressionConfig(method="powersgd", start_step=-1)
-    with pytest.raises(ValueError, match="topk_ratio"):
-        CompressionConfig(method="topk", topk_ratio=0.0)
+    with pytest.raises(ValueError, match=r"compression\.topk\.ratio"):
+        TopKConfig(ratio=0.0)
 
 
 DIGITS = [
     "--config", "configs/demo.toml", "--data.global_batch=64", "--data.audit=false",
-    "--data.decode_backend=cpu", "--model.width=8", "--train.progress=false",
+    "--data.decode_backend=cpu", "--model.cnn.width=8", "--train.progress=false",
     "--checkpoint.interval=0", "--train.epochs=3", "--optim.warmup_steps=5",
 ]  # fmt: skip
 

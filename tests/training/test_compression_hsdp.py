@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.config import ModelConfig
+from trainer.config import GPTConfig, ModelConfig
 from trainer.models import build_model
 
 from .conftest import (
@@ -41,7 +41,7 @@ TOKENS = [*GPT, *HSDP, "--data.global_batch=16", "--optim.name=sgd", "--optim.lr
           "--data.audit=false", "--checkpoint.interval=0"]  # fmt: skip
 DIGITS = [
     "--config", "configs/demo.toml", *HSDP, "--data.global_batch=64", "--data.audit=false",
-    "--data.decode_backend=cpu", "--model.width=8", "--train.progress=false",
+    "--data.decode_backend=cpu", "--model.cnn.width=8", "--train.progress=false",
     "--checkpoint.interval=0", "--optim.warmup_steps=5",
 ]  # fmt: skip
 
@@ -53,8 +53,8 @@ def steps(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def shard_entries() -> int:
     """Entries of rank 0's shards of the test GPT: dim 0 of every parameter split in 2."""
     with torch.device("meta"):
-        model = build_model(ModelConfig(name="gpt", vocab_size=VOCAB, seq_len=SEQ_LEN, dim=32,
-                                        layers=4, heads=4), num_classes=0)  # fmt: skip
+        gpt = GPTConfig(vocab_size=VOCAB, seq_len=SEQ_LEN, dim=32, layers=4, heads=4)
+        model = build_model(ModelConfig(name="gpt", gpt=gpt), num_classes=0)
     return sum(-(-p.shape[0] // 2) * (p.numel() // p.shape[0]) for p in model.parameters())
 
 
@@ -89,7 +89,7 @@ def test_the_hook_path_trains_exactly_like_native_hsdp(
     rank 0's shards (the reduce-scatter inside the shard group is not counted)."""
     records = run_trainer(tmp_path, [*TOKENS, "--train.max_steps=6", f"--data.url={token_dataset}",
                                      "--compression.method=powersgd",
-                                     "--compression.powersgd_rank=4096",
+                                     "--compression.powersgd.rank=4096",
                                      "--compression.start_step=0"], nproc=4)  # fmt: skip
     got, want = step_losses(records), step_losses(native)
     np.testing.assert_allclose(list(got.values()), list(want.values()), rtol=1e-4, atol=1e-5)

@@ -21,7 +21,7 @@ from .test_checkpoint import flat_state, train
 
 EPOCHS, STEPS = 2, 112
 COMMON = ["--config", "configs/demo.toml", "--data.global_batch=32", "--data.audit=false",
-          "--data.decode_backend=cpu", "--model.width=8", "--optim.lr=3e-3",
+          "--data.decode_backend=cpu", "--model.cnn.width=8", "--optim.lr=3e-3",
           "--train.progress=false", "--train.eval_url=", f"--train.epochs={EPOCHS}",
           "--parallel.consensus_every=7"]  # fmt: skip
 MODES = {

@@ -17,7 +17,7 @@ from trainer.dry_run import default_ranks, play_ranks
 from .conftest import ROOT, trainer_env
 
 WORLD = 1024
-BASE = ["--data.global_batch=1024", "--model.heads=8"]
+BASE = ["--data.global_batch=1024", "--model.gpt.heads=8"]
 
 
 def config(*overrides: str):  # type: ignore[no-untyped-def]

@@ -38,7 +38,7 @@ def test_a_model_that_does_not_fit_the_data_says_why(digits_dataset: str, tmp_pa
     done = run("--config=configs/demo.toml", f"--data.url={digits_dataset}", "--model.name=gpt",
                f"--train.out_dir={tmp_path}", "--train.max_steps=1")  # fmt: skip
     assert done.returncode == 1
-    assert "model.token_field 'tokens' is not in the batch" in done.stderr
+    assert "train.lm.token_field 'tokens' is not in the batch" in done.stderr
     assert "Traceback" not in done.stderr
 
 

@@ -25,7 +25,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore
 
-from trainer.config import ModelConfig, OptimConfig, ParallelConfig, load
+from trainer.config import GPTConfig, OptimConfig, ParallelConfig, load
 from trainer.models import GPT, ResNet, StagedModel, init_weights
 from trainer.optim import learning_rate
 from trainer.parallel.data import apply_activation_checkpointing
@@ -255,7 +255,8 @@ def test_tensor_parallel_refuses_a_model_without_a_plan_and_indivisible_heads() 
             apply_tensor_parallel(small_resnet(), mesh=mesh, heads=1)
         gpt = GPT(vocab_size=64, seq_len=8, dim=24, layers=2, heads=3)
         with pytest.raises(
-            ValueError, match=re.escape("model.heads 3 is not divisible by parallel.tp 2")
+            ValueError,
+            match=re.escape("the model's 3 attention heads are not divisible by parallel.tp 2"),
         ):
             apply_tensor_parallel(gpt, mesh=mesh, heads=3)
 
@@ -306,8 +307,8 @@ def test_constant_learning_rate_after_warmup() -> None:
 
 
 def test_trainer_configs_reject_bad_values_naming_them() -> None:
-    with pytest.raises(ValueError, match=re.escape("model.dim 30 is not divisible by heads 4")):
-        ModelConfig(dim=30, heads=4)
+    with pytest.raises(ValueError, match=re.escape("model.gpt.dim 30 is not divisible by heads 4")):
+        GPTConfig(dim=30, heads=4)
     with pytest.raises(
         ValueError, match=re.escape("parallel.dp_replicate must be >= 1 or -1, got 0")
     ):

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from trainer.config import OptimConfig
+from trainer.config import LarsConfig, OptimConfig
 from trainer.optim import build_optimizer, learning_rate, peak_learning_rate
 from trainer.optim.trust import Lamb, Lars, full_squared_norms
 
@@ -115,8 +115,8 @@ def test_poly_decays_to_the_floor_and_rules_scale_the_peak() -> None:
 
 
 def test_bad_optimizer_settings_are_refused() -> None:
-    with pytest.raises(ValueError, match="trust_coefficient"):
-        OptimConfig(trust_coefficient=0.0)
+    with pytest.raises(ValueError, match=r"optim\.lars\.eps and optim\.lars\.trust_coefficient"):
+        LarsConfig(trust_coefficient=0.0)
     with pytest.raises(ValueError, match="base_batch"):
         OptimConfig(base_batch=0)
 

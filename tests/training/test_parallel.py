@@ -40,7 +40,7 @@ TOKENS = [*GPT, "--data.global_batch=16", f"--train.max_steps={STEPS}", "--data.
 # The demo CNN narrowed to width 8, on local shards, without warm-up (4 steps would barely move).
 DIGITS = [
     "--config", "configs/demo.toml", "--data.global_batch=32", f"--train.max_steps={STEPS}",
-    "--data.audit=true", "--model.width=8", "--optim.lr=0.003", "--optim.warmup_steps=0",
+    "--data.audit=true", "--model.cnn.width=8", "--optim.lr=0.003", "--optim.warmup_steps=0",
     "--train.progress=false",
 ]  # fmt: skip
 

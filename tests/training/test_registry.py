@@ -1,7 +1,9 @@
 """Registries and model specs, in this process (no launches; a few seconds): unknown names are
 config errors naming the key and the known names; a registered name or an import path is
-accepted; a user module keeps its own initial values in any layout; TP and PP without a
-plan say what is missing; ``init_weights`` takes BatchNorm and custom parameters.
+accepted; each built-in part reads its own sub-section, a sub-section of a part not chosen
+is an error, and a key that moved into one says where; a user module keeps its own initial
+values in any layout; TP without a plan and PP without cut points say what is missing;
+``init_weights`` takes BatchNorm and custom parameters.
 """
 
 from __future__ import annotations
@@ -63,6 +65,71 @@ def test_a_registered_optimizer_and_compressor_are_configurable_by_name() -> Non
         OPTIMIZERS.register("test-plain-sgd")(plain_sgd)
     assert build_compressor(CompressionConfig(method="none")) is None
     assert build_compressor(CompressionConfig(method="sign")).name == "sign"  # type: ignore[union-attr]
+
+
+def test_each_part_reads_its_own_section() -> None:
+    config = load(None, [
+        "model.name=gpt", "model.gpt.dim=48", "model.gpt.heads=3", "train.lm.token_field=ids",
+        "optim.name=lars", "optim.lars.momentum=0.8", "optim.lars.trust_coefficient=0.02",
+        "compression.method=powersgd", "compression.powersgd.rank=2",
+    ])  # fmt: skip
+    spec = build_spec(config.model, num_classes=0, seed=0)
+    assert spec.module.get_submodule("blocks.0.attention.wq").weight.shape == (48, 48)
+    assert spec.heads == 3
+    optimizer = build_optimizer(config.optim, nn.Linear(2, 2).parameters())
+    group = optimizer.param_groups[0]
+    assert (group["momentum"], group["trust_coefficient"]) == (0.8, 0.02)
+    assert build_compressor(config.compression).rank == 2  # type: ignore[union-attr]
+    batch = {"ids": torch.arange(2 * 65).reshape(2, 65) % 1024}
+    inputs, targets = build_task(config, "lm").split(batch, torch.device("cpu"))
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    with pytest.raises(ValueError, match=r"model\.gpt\.seq_len = 64 needs 65"):
+        build_task(config, "lm").split({"ids": torch.zeros(2, 9)}, torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.dim=64"], "'dim' in [model] has moved: set model.gpt.dim"),
+        (["model.token_field=ids"], "'token_field' in [model] has moved: set train.lm.token_field"),
+        (["optim.trust_coefficient=0.1"], "set optim.lars.trust_coefficient"),
+        (["compression.topk_ratio=0.1"], "'topk_ratio' in [compression] has moved: set "
+                                         "compression.topk.ratio"),
+        (["compression.powersgd.rank=0", "compression.method=powersgd"],
+         "compression.powersgd.rank must be >= 1, got 0"),
+        (["model.gpt.dim=30", "model.name=gpt"], "model.gpt.dim 30 is not divisible by heads 4"),
+    ],
+    ids=["moved-model", "moved-task", "moved-optim", "moved-compression", "bad-rank",
+         "bad-dim"],
+)  # fmt: skip
+def test_a_misplaced_or_invalid_setting_is_a_config_error(overrides: list[str],
+                                                         message: str) -> None:  # fmt: skip
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.name=cnn", "model.gpt.dim=64"],
+         "[model.gpt] is set, but model chooses 'cnn', which does not read it"),
+        (["optim.name=adamw", "optim.sgd.momentum=0.5"],
+         "[optim.sgd] is set, but optim chooses 'adamw'"),
+        (["compression.method=topk", "compression.powersgd.rank=8"],
+         "[compression.powersgd] is set, but compression chooses 'topk'"),
+    ],
+    ids=["model", "optim", "compression"],
+)  # fmt: skip
+def test_an_unread_sub_section_is_warned_about(
+    overrides: list[str], message: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("WARNING", logger="trainer.config"):
+        load(None, overrides)
+    assert message in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="trainer.config"):
+        load(None, [overrides[0]])
+    assert caplog.text == ""
 
 
 def test_an_import_path_is_checked_when_the_part_is_built() -> None:
@@ -130,7 +197,7 @@ def test_a_module_built_on_meta_is_reset_or_refused_naming_the_parameter() -> No
 def test_tensor_and_pipeline_parallelism_name_the_plan_they_miss() -> None:
     for degrees, message in (
         ({"tp": 2}, "parallel.tp = 2 needs a tensor-parallel plan; model.name = "),
-        ({"pp": 2}, "parallel.pp = 2 needs a model that can be cut between blocks"),
+        ({"pp": 2}, "parallel.pp > 1 needs to know where to cut the model; model.name = "),
     ):
         parallel = ParallelConfig(**degrees)  # type: ignore[arg-type]
         with fake_process_group(0, 2):

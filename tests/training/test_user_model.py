@@ -163,8 +163,8 @@ def test_tensorboard_holds_the_metrics_jsonl_scalars(runs: dict[str, Run]) -> No
 
 
 GPT2 = [
-    "--model.name=tests.training.user_models:gpt2", f"--model.vocab_size={VOCAB}",
-    f"--model.seq_len={SEQ_LEN}", "--model.options={dim = 32, layers = 2, heads = 4}",
+    "--model.name=tests.training.user_models:gpt2", f"--model.gpt.vocab_size={VOCAB}",
+    f"--model.gpt.seq_len={SEQ_LEN}", "--model.options={dim = 32, layers = 2, heads = 4}",
     "--data.label_field=", "--data.shuffle_window=2", "--data.global_batch=16",
     "--train.max_steps=4", "--optim.lr=0.01", "--train.progress=false",
 ]  # fmt: skip
@@ -231,7 +231,7 @@ def test_the_trainer_reads_the_loader_it_is_given(digits_dataset: str, tmp_path:
 
     overrides = [f"data.url='{digits_dataset}'", "data.global_batch=32", "train.max_steps=2",
                  "data.decode_backend='cpu'", "train.progress=false",
-                 f"train.out_dir='{tmp_path}'", "model.width=8"]  # fmt: skip
+                 f"train.out_dir='{tmp_path}'", "model.cnn.width=8"]  # fmt: skip
     config = load(ROOT / "configs" / "demo.toml", overrides)
     asked = []
 

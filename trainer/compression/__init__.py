@@ -72,14 +72,14 @@ COMPRESSORS: Registry[CompressorFactory] = Registry("compressor", "compression.m
 COMPRESSORS.register("none")(lambda config: None)
 COMPRESSORS.register("fp16")(lambda config: Cast(torch.float16))
 COMPRESSORS.register("bf16")(lambda config: Cast(torch.bfloat16))
-COMPRESSORS.register("topk")(lambda config: TopK(config.topk_ratio, start_step=config.start_step))
+COMPRESSORS.register("topk")(lambda config: TopK(config.topk.ratio, start_step=config.start_step))
 COMPRESSORS.register("sign")(lambda config: Sign(start_step=config.start_step))
 
 
 @COMPRESSORS.register("powersgd")
 def _powersgd(config: CompressionConfig) -> Compressor:
-    return PowerSGD(rank=config.powersgd_rank, start_step=config.start_step,
-                    warm_start=config.powersgd_warm_start)  # fmt: skip
+    return PowerSGD(rank=config.powersgd.rank, start_step=config.start_step,
+                    warm_start=config.powersgd.warm_start)  # fmt: skip
 
 
 def build_compressor(

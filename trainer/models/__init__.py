@@ -42,23 +42,24 @@ MODELS: Registry[ModelFactory] = Registry("model", "model.name")
 
 @MODELS.register("cnn")
 def _cnn(config: ModelConfig, *, num_classes: int) -> ModelSpec:
-    classes = config.num_classes or num_classes
+    classes = config.cnn.num_classes or num_classes
     if classes < 2:
         raise ValueError(
-            "model.num_classes is 0 and the dataset's index records no classes; "
-            "set model.num_classes"
+            "model.cnn.num_classes is 0 and the dataset's index records no classes; "
+            "set model.cnn.num_classes"
         )
     with torch.device("meta"):
-        module = ResNet(width=config.width, blocks=config.blocks, num_classes=classes)
+        module = ResNet(width=config.cnn.width, blocks=config.cnn.blocks, num_classes=classes)
     return ModelSpec(module=module, init=init_weights, task="classify")
 
 
 @MODELS.register("gpt")
 def _gpt(config: ModelConfig, *, num_classes: int) -> ModelSpec:
     with torch.device("meta"):
-        module = GPT(vocab_size=config.vocab_size, seq_len=config.seq_len, dim=config.dim,
-                     layers=config.layers, heads=config.heads)  # fmt: skip
-    return ModelSpec(module=module, init=init_weights, task="lm", heads=config.heads)
+        gpt = config.gpt
+        module = GPT(vocab_size=gpt.vocab_size, seq_len=gpt.seq_len, dim=gpt.dim,
+                     layers=gpt.layers, heads=gpt.heads)  # fmt: skip
+    return ModelSpec(module=module, init=init_weights, task="lm", heads=config.gpt.heads)
 
 
 def build_spec(config: ModelConfig, *, num_classes: int, seed: int) -> ModelSpec:

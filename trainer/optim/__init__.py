@@ -4,8 +4,10 @@ The schedule is a pure function of the step (linear warm-up, then constant, cosi
 polynomial decay to ``min_lr_ratio × lr``, the peak scaled by the large-batch rule), so a
 resumed run needs only the step to continue it exactly — there is no scheduler state to save.
 LAMB and LARS live in ``trust.py``: their trust ratios use full-tensor norms under FSDP2 and
-tensor parallelism. Optimizers are registered by name (``OPTIMIZERS``); ``optim.name`` may
-also be ``"package.module:function"``, called with (this section, the trainable parameters).
+tensor parallelism. Optimizers are registered by name (``OPTIMIZERS``), each built-in one
+with its settings in its sub-section (``[optim.lars]``); ``optim.name`` may also be
+``"package.module:function"``, called with (this section, the trainable parameters), which
+reads its own settings from ``optim.options``.
 """
 
 from __future__ import annotations
@@ -34,23 +36,25 @@ def build_optimizer(
 
 @OPTIMIZERS.register("sgd")
 def _sgd(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.SGD(trainable, lr=config.lr, momentum=config.momentum,
+    return torch.optim.SGD(trainable, lr=config.lr, momentum=config.sgd.momentum,
                            weight_decay=config.weight_decay)  # fmt: skip
 
 
 @OPTIMIZERS.register("lamb")
 def _lamb(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    return Lamb(trainable, lr=config.lr, betas=(config.betas[0], config.betas[1]),
-                eps=config.eps, weight_decay=config.weight_decay,
-                exclude_bias_and_norm=config.exclude_bias_and_norm)  # fmt: skip
+    lamb = config.lamb
+    return Lamb(trainable, lr=config.lr, betas=(lamb.betas[0], lamb.betas[1]), eps=lamb.eps,
+                weight_decay=config.weight_decay,
+                exclude_bias_and_norm=lamb.exclude_bias_and_norm)  # fmt: skip
 
 
 @OPTIMIZERS.register("lars")
 def _lars(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    return Lars(trainable, lr=config.lr, momentum=config.momentum,
-                weight_decay=config.weight_decay, trust_coefficient=config.trust_coefficient,
-                eps=config.eps, clip=config.larc_clip,
-                exclude_bias_and_norm=config.exclude_bias_and_norm)  # fmt: skip
+    lars = config.lars
+    return Lars(trainable, lr=config.lr, momentum=lars.momentum,
+                weight_decay=config.weight_decay, trust_coefficient=lars.trust_coefficient,
+                eps=lars.eps, clip=lars.larc_clip,
+                exclude_bias_and_norm=lars.exclude_bias_and_norm)  # fmt: skip
 
 
 @OPTIMIZERS.register("adafactor")
@@ -69,8 +73,9 @@ def _adafactor(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torc
 def _adamw(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     # foreach=False: the per-parameter loop is deterministic and handles any mix of plain
     # and DTensor parameters; at these model sizes it costs nothing measurable.
-    return torch.optim.AdamW(trainable, lr=config.lr, betas=(config.betas[0], config.betas[1]),
-                             eps=config.eps, weight_decay=config.weight_decay,
+    adamw = config.adamw
+    return torch.optim.AdamW(trainable, lr=config.lr, betas=(adamw.betas[0], adamw.betas[1]),
+                             eps=adamw.eps, weight_decay=config.weight_decay,
                              foreach=False)  # fmt: skip
 
 

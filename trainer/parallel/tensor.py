@@ -36,7 +36,9 @@ def apply_tensor_parallel(
             "(TP plans exist for the GPT)"
         )
     if heads and heads % mesh.size():
-        raise ValueError(f"model.heads {heads} is not divisible by parallel.tp {mesh.size()}")
+        raise ValueError(
+            f"the model's {heads} attention heads are not divisible by parallel.tp {mesh.size()}"
+        )
     styles: dict[str, ParallelStyle] = {}
     for name, kind in plan.items():
         styles[name] = ColwiseParallel() if kind == "colwise" else RowwiseParallel()

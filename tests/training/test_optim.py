@@ -149,3 +149,59 @@ def test_sharded_trust_ratios_match_one_process(layout: str, nproc: int, tmp_pat
     # tolerance above can see a norm that is not the full tensor's.
     assert max(results["lamb-local-norms"]["differences"]) > 100 * TOLERANCE
     assert "cannot step sharded" in results["adafactor_error"]
+
+
+def test_frozen_variance_adamw_is_adamw_until_it_freezes_then_linear_in_the_gradient() -> None:
+    """Bit-identical to torch.optim.AdamW (single tensor) up to freeze_step; after it the
+    second moment stays, so the update is linear in the gradient: a burst of k steps of
+    gradient moves the weight k times as far as one (AdamW moves it about as far as one)."""
+    from trainer.optim.frozen import FrozenVarianceAdamW
+
+    torch.manual_seed(0)
+    start = torch.randn(6, 5)
+    grads = [torch.randn(6, 5) for _ in range(5)]
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    frozen = FrozenVarianceAdamW([ours], lr=0.01, betas=(0.9, 0.95), eps=1e-8,
+                                 weight_decay=0.1, freeze_step=5)  # fmt: skip
+    adamw = torch.optim.AdamW([theirs], lr=0.01, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                              foreach=False)  # fmt: skip
+    for grad in grads:
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        frozen.step()
+        adamw.step()
+        assert torch.equal(ours, theirs)
+    assert torch.equal(frozen.state[ours]["exp_avg_sq"], adamw.state[theirs]["exp_avg_sq"])
+    variance = frozen.state[ours]["exp_avg_sq"].clone()
+
+    moves = {}
+    for name, optimizer, param in (("frozen", frozen, ours), ("adamw", adamw, theirs)):
+        for burst in (1.0, 50.0):
+            state = {k: v.clone() for k, v in optimizer.state[param].items()}
+            before = param.detach().clone()
+            param.grad = burst * torch.ones(6, 5)
+            optimizer.step()
+            moves[name, burst] = float((before - param.detach()).abs().mean())
+            with torch.no_grad():
+                param.copy_(before)
+            optimizer.state[param] = state
+    assert torch.equal(frozen.state[ours]["exp_avg_sq"], variance)  # frozen
+    assert moves["frozen", 50.0] > 20 * moves["frozen", 1.0]
+    assert moves["adamw", 50.0] < 3 * moves["adamw", 1.0]
+
+
+def test_adamw_freezes_its_variance_by_default_only_under_top_k_and_sign() -> None:
+    from trainer.config import load
+    from trainer.optim.frozen import FrozenVarianceAdamW
+
+    def freeze(*overrides: str) -> int:
+        return load(None, list(overrides)).optim.adamw.freeze_variance_step
+
+    assert freeze("compression.method=topk") == 20
+    assert freeze("compression.method=sign", "compression.start_step=5") == 5
+    assert freeze("compression.method=powersgd") == freeze() == 0
+    assert freeze("compression.method=sign", "optim.adamw.freeze_variance_step=0") == 0
+    assert freeze("compression.method=topk", "optim.name=lamb") == -1  # not adamw: unread
+    params = list(torch.nn.Linear(2, 2).parameters())
+    optim = load(None, ["compression.method=topk"]).optim
+    assert type(build_optimizer(optim, params)) is FrozenVarianceAdamW
+    assert type(build_optimizer(OptimConfig(), params)) is torch.optim.AdamW

@@ -19,6 +19,7 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from trainer.config import OptimConfig
+from trainer.optim.frozen import FrozenVarianceAdamW
 from trainer.optim.trust import Lamb, Lars
 from trainer.registry import Registry
 
@@ -74,6 +75,10 @@ def _adamw(config: OptimConfig, trainable: list[torch.nn.Parameter]) -> torch.op
     # foreach=False: the per-parameter loop is deterministic and handles any mix of plain
     # and DTensor parameters; at these model sizes it costs nothing measurable.
     adamw = config.adamw
+    if adamw.freeze_variance_step > 0:  # -1 outside a Config (which resolves it): never
+        return FrozenVarianceAdamW(trainable, lr=config.lr, betas=(adamw.betas[0], adamw.betas[1]),
+                                   eps=adamw.eps, weight_decay=config.weight_decay,
+                                   freeze_step=adamw.freeze_variance_step)  # fmt: skip
     return torch.optim.AdamW(trainable, lr=config.lr, betas=(adamw.betas[0], adamw.betas[1]),
                              eps=adamw.eps, weight_decay=config.weight_decay,
                              foreach=False)  # fmt: skip

@@ -189,7 +189,7 @@ def test_frozen_variance_adamw_is_adamw_until_it_freezes_then_linear_in_the_grad
     assert moves["adamw", 50.0] < 3 * moves["adamw", 1.0]
 
 
-def test_adamw_freezes_its_variance_by_default_only_under_top_k_and_sign() -> None:
+def test_adamw_freezes_its_variance_by_default_only_under_top_k() -> None:
     from trainer.config import load
     from trainer.optim.frozen import FrozenVarianceAdamW
 
@@ -197,9 +197,10 @@ def test_adamw_freezes_its_variance_by_default_only_under_top_k_and_sign() -> No
         return load(None, list(overrides)).optim.adamw.freeze_variance_step
 
     assert freeze("compression.method=topk") == 20
-    assert freeze("compression.method=sign", "compression.start_step=5") == 5
-    assert freeze("compression.method=powersgd") == freeze() == 0
-    assert freeze("compression.method=sign", "optim.adamw.freeze_variance_step=0") == 0
+    assert freeze("compression.method=topk", "compression.start_step=5") == 5
+    assert freeze("compression.method=powersgd") == freeze("compression.method=sign") == 0
+    assert freeze() == freeze("compression.method=topk", "optim.adamw.freeze_variance_step=0") == 0
+    assert freeze("compression.method=sign", "optim.adamw.freeze_variance_step=20") == 20
     assert freeze("compression.method=topk", "optim.name=lamb") == -1  # not adamw: unread
     params = list(torch.nn.Linear(2, 2).parameters())
     optim = load(None, ["compression.method=topk"]).optim

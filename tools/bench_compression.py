@@ -33,16 +33,16 @@ Wall time counts training steps only: each evaluation's time is taken out, so th
 compare the training alone. Writes ``<out>/bench_compression_link.json`` and a plot of held-out
 loss against wall time, one panel per model × link. Needs root and iproute2 (the namespace).
 
-Measured (2 cores shared with other jobs; ``--methods none,bf16,powersgd,powersgd@1.5,topk,
-sign``): GPT at 100 Mbit/s, dense 4.19 s a step, 247 s to the target (held-out 2.7115), final
-2.684; bf16 148 s (1.68×), +0.16 %; PowerSGD rank 4 0.55 s a compressed step, 13.4× fewer
-bytes (embedding tables exact), final +2.1 %, short of the target in 64 steps; with 96 steps
-it reaches it in 66 s (3.8× sooner) and ends 3.2 % below dense; top-k 1 % +17.8 % and sign
-+5.3 %, neither reaches it. At 1 Gbit/s the dense step is 1.24 s, of which the wire is
-≈ 0.34 s: bf16 gains nothing (0.99×), PowerSGD at 96 steps reaches the target 1.38× sooner,
-top-k steps are faster (0.52 s) but it never gets there, sign's packing costs about what it
-saves (1.02 s). The CNN (1.3 MB a step) is compute-bound even at 100 Mbit/s: PowerSGD 1.55×
-sooner with +10.7 % at the end (0.117 against 0.106), and at 1 Gbit/s nothing pays.
+Measured (``--methods none,bf16,powersgd,powersgd@1.5,topk,topk@2,sign``; the sign rows on
+idle cores, the others while the test suite shared the 2 cores): GPT at 100 Mbit/s, dense
+3.83 s a step, 222 s to the target (held-out 2.7115), final 2.684; bf16 127 s (1.75×),
++0.16 %; PowerSGD rank 4 0.76 s a compressed step, 13.4× fewer bytes (embedding tables
+exact), final +2.1 %, short of the target in 64 steps; with 96 steps it reaches it in 78 s
+(2.83× sooner) and ends 3.2 % below dense; top-k 1 % (AdamW's variance frozen at step 20)
++14.6 %, +4.0 % with 128 steps, sign +5.3 %, none of the three reaches it. At 1 Gbit/s the
+dense step is 0.87 s: bf16 gains nothing (1.00×), only PowerSGD at 96 steps reaches the target
+sooner (1.30×). The CNN (1.3 MB a step) is compute-bound: PowerSGD 2.05× sooner at 100 Mbit/s
+with +10.7 % at the end (0.117 against 0.106), 1.09× at 1 Gbit/s.
 """
 
 from __future__ import annotations

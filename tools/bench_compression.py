@@ -3,11 +3,12 @@
 
     python tools/bench_compression.py [--link-mbit 100,1000] [--models gpt,cnn]
                                       [--methods none,bf16,powersgd,topk,sign] [--reuse]
-                                      [--data-dir DIR] [--out reports/]
+                                      [--ranks 2] [--data-dir DIR] [--out reports/]
 
-For each link rate, ``trainer.train`` runs on 2 gloo ranks under ``torchrun`` inside a network
-namespace whose loopback is a token bucket of that rate (``tools/shaped_link.py``), so every
-byte of the gradient all-reduce crosses the shaped link — the situation compression is for.
+For each link rate, ``trainer.train`` runs on 2 (``--ranks``) gloo ranks under ``torchrun``
+inside a network namespace whose loopback is a token bucket of that rate
+(``tools/shaped_link.py``), so every byte of the gradient all-reduce crosses the shaped link —
+the situation compression is for. All ranks share that one bucket.
 The two reference models:
 
     gpt    dim 256, 6 layers, 4 heads, vocabulary 1,024, 32 tokens a sequence: 5,257,728
@@ -123,12 +124,13 @@ def write_sequences(path: str, *, count: int, seed: int) -> None:
             handle.write(json.dumps({"id": f"seq{seed}-{number:04d}", "tokens": tokens}) + "\n")
 
 
-def command(model: str, method: str, splits: tuple[str, str], out_dir: str) -> list[str]:
+def command(model: str, method: str, splits: tuple[str, str], out_dir: str,
+            ranks: int = 2) -> list[str]:  # fmt: skip
     """The trainer's command line; ``method@F`` trains F times the model's epochs."""
     method, _, factor = method.partition("@")
     epochs = round(EPOCHS[model] * float(factor or 1))
     return [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
         "-m", "trainer.train", *MODELS[model], f"--train.epochs={epochs}",
         f"--data.url={splits[0]}", f"--train.eval_url={splits[1]}", "--train.progress=false",
         "--checkpoint.interval=0", "--checkpoint.resume=never", f"--train.out_dir={out_dir}",
@@ -247,7 +249,7 @@ def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "methods": runs}  # fmt: skip
 
 
-def plot(results: dict[str, dict[str, Any]], path: str) -> None:
+def plot(results: dict[str, dict[str, Any]], path: str, ranks: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -266,7 +268,7 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
         axis.set_ylabel("held-out loss")
         axis.set_yscale("log")
         axis.legend(fontsize=8)
-    figure.suptitle("gradient compression on a shaped link: 2 gloo ranks, 2 shared cores "
+    figure.suptitle(f"gradient compression on a shaped link: {ranks} gloo ranks, 2 shared cores "
                     "(dotted: dense loss at 90 % of its steps)", fontsize=10)  # fmt: skip
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -285,6 +287,9 @@ def main() -> int:
         action="store_true",
         help="keep a run's earlier result when its command is unchanged",
     )
+    arguments.add_argument("--ranks", type=int, default=2,
+                           help="ranks on the shaped link (not 2: the report is "
+                                "bench_compression_link_<N>ranks)")  # fmt: skip
     arguments.add_argument("--data-dir", default="/tmp/shardflow-bench/compression-link")
     arguments.add_argument("--out", default=os.path.join(REPO, "reports"))
     args, _ = _cli.parse(arguments)
@@ -301,6 +306,10 @@ def main() -> int:
         arguments.error(f"--link-mbit takes rates in Mbit/s like 100,1000, got {args.link_mbit!r}")
     if not links or min(links) <= 0:
         arguments.error(f"--link-mbit rates must be positive, got {args.link_mbit!r}")
+    if args.ranks < 2:
+        arguments.error(f"--ranks must be >= 2 (compression has nothing to send alone), got "
+                        f"{args.ranks}")  # fmt: skip
+    suffix = "" if args.ranks == 2 else f"_{args.ranks}ranks"
     reason = unavailable()
     if reason:
         print(f"error: {reason}", file=sys.stderr)
@@ -315,18 +324,20 @@ def main() -> int:
             for method in methods:
                 if not args.quiet:
                     print(f"training {name} with compression {method}", flush=True)
-                out_dir = os.path.join(args.data_dir, "runs", f"{model}-{rate:g}-{method}")
-                argv = command(model, method, splits[model], out_dir)
+                run_name = f"{model}-{rate:g}-{method}" + suffix
+                out_dir = os.path.join(args.data_dir, "runs", run_name)
+                argv = command(model, method, splits[model], out_dir, args.ranks)
                 commands[f"{name} {method}"] = " ".join(
                     ["python", "tools/shaped_link.py", f"--rate-mbit={rate:g}", "--", *argv[1:]]
                 )
                 runs[method] = summarise(train(argv, rate, out_dir, args.reuse))
             results[name] = compare(runs)
             print_table(name, results[name])
-    write_report(args.out, "bench_compression_link", __doc__,
-                 {"results": results, "commands": commands})  # fmt: skip
-    plot(results, os.path.join(args.out, "bench_compression_link.png"))
-    print(f"wrote {args.out}/bench_compression_link.json and .png")
+    report = "bench_compression_link" + suffix
+    write_report(args.out, report, __doc__, {"results": results, "commands": commands,
+                                             "ranks": args.ranks})  # fmt: skip
+    plot(results, os.path.join(args.out, f"{report}.png"), args.ranks)
+    print(f"wrote {args.out}/{report}.json and .png")
     return 0
 
 

@@ -69,15 +69,12 @@ def split_blocks(names: list[str], stages: int) -> list[list[str]]:
 
 def split_model(model: StagedModel, stage: int, stages: int) -> StagedModel:
     """The part of ``model`` that stage ``stage`` of ``stages`` runs (same parameter names)."""
-    keep = set(split_blocks(list(model.blocks.keys()), stages)[stage])
-    part = copy.deepcopy(model)
-    for name in list(part.blocks.keys()):
-        if name not in keep:
-            del part.blocks[name]
-    if stage != 0:
-        part.input_layer = None
-    if stage != stages - 1:
-        part.output_layer = None
+    keep = [f"blocks.{name}" for name in split_blocks(list(model.blocks.keys()), stages)[stage]]
+    if stage == 0:
+        keep.append("input_layer")
+    if stage == stages - 1:
+        keep.append("output_layer")
+    part: StagedModel = cut_module(model, keep)  # type: ignore[assignment]
     return part
 
 

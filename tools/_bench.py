@@ -162,12 +162,13 @@ def plot_bars(names: list[str], rates: list[float], path: str, title: str, unit:
 
 def dali_own_rate(shards_root: str, *, batch: int, threads: int, decoder: str = "cpu",
                   warmup: bool = False, remote: str | None = None,
-                  batches: int | None = None) -> float:  # fmt: skip
+                  batches: int | None = None, epochs: int = 1) -> float:  # fmt: skip
     """samples/s of DALI's own pipeline over our shards: readers.webdataset (index files
     derived from our sample tables) → decoders.image_random_crop → resize 224 → flip.
     ``remote``: the shards are read from there (s3://…, the endpoint in ``AWS_ENDPOINT_URL``)
     by DALI's own S3 support, and the timing includes the pipeline's build, as DALI starts
-    reading then. ``batches``: stop after that many (default: one epoch)."""
+    reading then. ``batches``: stop after that many (default: ``epochs`` epochs; the reader
+    wraps around, and a warm-up is one epoch)."""
     from dataflow.decode.dali import import_dali
     from dataflow.formats.tar import dali_index_text
     from dataflow.index import DatasetIndex, load_table
@@ -199,8 +200,9 @@ def dali_own_rate(shards_root: str, *, batch: int, threads: int, decoder: str = 
         started = time.perf_counter()
         built = pipeline()
         built.build()
-        steps = min(-(-index.num_samples // batch), batches or sys.maxsize)
-        for _ in range(steps if warmup else 0):
+        epoch = -(-index.num_samples // batch)
+        steps = min(epoch * epochs, batches or sys.maxsize)
+        for _ in range(epoch if warmup else 0):
             built.run()
         if not remote:
             started = time.perf_counter()

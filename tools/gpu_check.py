@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """One command for a machine with a GPU: DALI mixed decode, training stall, NCCL layouts.
 
-    python tools/gpu_check.py [--count 3000] [--out reports/]
+    python tools/gpu_check.py [--count 3000] [--epochs 10] [--out reports/]
 
 Needs CUDA, PyTorch and NVIDIA DALI (``pip install nvidia-dali-cuda130``, or the wheel files
 carried to the machine). It writes the ImageNet-like photo set (or reuses it), converts it
-to tar shards, then measures over one epoch each, batch 256, decode + random-resized-crop
-224 + flip:
+to tar shards, then measures each over --epochs epochs after a warm-up epoch, batch 256,
+decode + random-resized-crop 224 + flip:
 
     ours, DALI mixed decode   Loader(decode_backend="dali", decode_device="gpu",
                               device="cuda"): nvJPEG / hardware JPEG decoder, CUDA tensors
@@ -43,15 +43,17 @@ from trainer.metrics import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def epoch_rate(config: DataConfig) -> float:
+def epoch_rate(config: DataConfig, epochs: int) -> float:
+    """samples/s over ``epochs`` epochs, after a warm-up epoch."""
     loader = Loader(config, rank=0, world_size=1)
     for _ in loader:  # warm-up epoch: CUDA contexts, nvJPEG handles, allocator
         pass
     torch.cuda.synchronize()
     started = time.perf_counter()
     samples = 0
-    for batch in loader:
-        samples += len(batch["__key__"])
+    for _ in range(epochs):
+        for batch in loader:
+            samples += len(batch["__key__"])
     torch.cuda.synchronize()
     return samples / (time.perf_counter() - started)
 
@@ -137,6 +139,7 @@ def write_counting_sequences(root: str, count: int = 1024) -> None:
 def main() -> int:
     arguments = _cli.parser(__doc__.split("\n\n")[0])
     arguments.add_argument("--count", type=int, default=3000)
+    arguments.add_argument("--epochs", type=int, default=10, help="timed epochs per rate")
     arguments.add_argument("--data-dir", default="/tmp/shardflow-bench/photos")
     arguments.add_argument("--out", default=os.path.join(REPO, "reports"))
     args, config = _cli.parse(arguments)
@@ -150,11 +153,11 @@ def main() -> int:
                                decode_workers=threads, device="cuda")  # fmt: skip
     results = {
         "ours, DALI mixed decode": epoch_rate(
-            dataclasses.replace(base, decode_backend="dali", decode_device="gpu")
+            dataclasses.replace(base, decode_backend="dali", decode_device="gpu"), args.epochs
         ),
-        "ours, CPU decode": epoch_rate(base),
+        "ours, CPU decode": epoch_rate(base, args.epochs),
         "DALI's own pipeline (mixed)": dali_own_rate(
-            shards, batch=256, threads=threads, decoder="mixed", warmup=True
+            shards, batch=256, threads=threads, decoder="mixed", warmup=True, epochs=args.epochs
         ),
     }
     for name, rate in results.items():
@@ -168,8 +171,8 @@ def main() -> int:
     tests = subprocess.run(
         # Test modules whose imports the GPU image lacks (moto, webdataset…) hold no GPU
         # test: their collection errors must not stop the ones that run.
-        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--continue-on-collection-errors",
-         os.path.join(REPO, "tests")],
+        [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rA",
+         "--continue-on-collection-errors", os.path.join(REPO, "tests")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     print(tests.stdout[-3000:])
@@ -178,10 +181,20 @@ def main() -> int:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "machine": machine(sorted(os.sched_getaffinity(0))),
         "gpu": torch.cuda.get_device_name(0),
+        "photos": args.count,
+        "timed_epochs": args.epochs,
         "samples_per_s": results,
         "training_stall": stall,
         "nccl_layouts": layouts,
         "gpu_tests_exit_code": tests.returncode,
+        # Collection errors of modules the GPU image cannot import count in the exit code.
+        "gpu_tests_summary": [
+            line
+            for line in tests.stdout.splitlines()
+            if line.startswith(("PASSED", "FAILED", "ERROR", "SKIPPED"))
+            or " passed" in line
+            or " failed" in line
+        ],
     }
     with open(os.path.join(args.out, "gpu_check.json"), "w") as handle:
         json.dump(report, handle, indent=1)

@@ -309,6 +309,7 @@ def test_a_transform_runs_on_dalis_output(photos: str) -> None:
     assert noisy[0]["image"].shape == (12, 24, 24, 3)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_transformed_batches_reach_the_gpu(digits: str) -> None:  # pragma: no cover - GPU only
     """data.device = "cuda": the transform path (collated on the host, then copied on the side

@@ -75,6 +75,19 @@ def _device(config: Config) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def collective_failure(error: BaseException, timeout_s: float) -> str:
+    """One line on a failed collective. gloo words its timeouts in several ways ("Timed out
+    waiting 5000ms for recv", "Application timeout caused pair closure"); all of them are
+    named a timeout here, so a reader sees why without knowing gloo."""
+    text = str(error).strip()
+    first = text.splitlines()[0][-300:] if text else ""
+    cause = f"{type(error).__name__}: {first}"
+    limit = f"train.collective_timeout_s = {timeout_s:g} s"
+    if "timed out" in text.lower() or "timeout" in text.lower():
+        return f"a collective timed out: a peer did not join within {limit} ({cause})"
+    return f"{cause} (ranks wait for each other at most {limit})"
+
+
 def _setup_process_group(device: torch.device, timeout_s: float) -> tuple[int, int]:
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank = int(os.environ.get("RANK", 0))
@@ -371,11 +384,12 @@ class Trainer:
             if self.world_size > 1:
                 # Typically a collective that another rank never joined (it died or hangs):
                 # say where this rank was and how long it waited; the traceback follows.
-                first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                log.error("rank %d failed at step %d: %s: %s (ranks wait for each other at "
-                          "most train.collective_timeout_s = %g s)", self.rank,
-                          self.step_count + 1, type(error).__name__, first[-300:],
-                          config.train.collective_timeout_s)  # fmt: skip
+                log.error(
+                    "rank %d failed at step %d: %s",
+                    self.rank,
+                    self.step_count + 1,
+                    collective_failure(error, config.train.collective_timeout_s),
+                )
             raise
         finally:
             loader.close()

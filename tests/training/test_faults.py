@@ -27,6 +27,7 @@ from support.faultproxy import FaultProxy, FaultSchedule
 from dataflow.convert.config import ConvertConfig
 from dataflow.convert.job import convert
 from dataflow.index import DatasetIndex, load_table
+from trainer.trainer import collective_failure
 
 from .conftest import ROOT, TRAINER_TIMEOUT_S, trainer_command, trainer_env
 from .test_checkpoint import DIGITS, audit_batches, read_progress, stop, worker_pids
@@ -123,7 +124,25 @@ def test_a_hung_rank_fails_the_job_after_the_collective_timeout(
     assert waited >= timeout_s, waited
     failed = [line for line in text.splitlines() if "rank 0 failed at step" in line]
     assert failed, text[-4000:]
-    assert "Timed out" in failed[0] and f"collective_timeout_s = {timeout_s} s" in failed[0]
+    assert "a collective timed out" in failed[0], failed[0]
+    assert f"collective_timeout_s = {timeout_s} s" in failed[0], failed[0]
+
+
+@pytest.mark.parametrize("gloo_says", [
+    "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 5000ms for recv "
+    "operation to complete",
+    "Got the following error when running the callback: RuntimeError: Application timeout "
+    "caused pair closure",
+])  # fmt: skip
+def test_every_wording_of_a_gloo_timeout_is_named_a_timeout(gloo_says: str) -> None:
+    """gloo words a timed-out collective in more than one way (CI once saw the second)."""
+    line = collective_failure(RuntimeError(gloo_says + "\nException raised from ..."), 5)
+    assert line.startswith("a collective timed out: a peer did not join within "
+                           "train.collective_timeout_s = 5 s (RuntimeError: "), line  # fmt: skip
+    assert "Exception raised from" not in line
+    other = collective_failure(RuntimeError("Connection closed by peer [127.0.0.1]:1"), 5)
+    assert other == ("RuntimeError: Connection closed by peer [127.0.0.1]:1 (ranks wait for "
+                     "each other at most train.collective_timeout_s = 5 s)")  # fmt: skip
 
 
 @pytest.mark.timeout(300)

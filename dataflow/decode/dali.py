@@ -22,6 +22,7 @@ Measured on 2 CPU cores, ~33 KB photos: ~750 samples/s through the DALI CPU pipe
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -46,7 +47,9 @@ class DaliDecodeError(RuntimeError):
 
 
 class DaliImageDecoder:
-    """One DALI pipeline per loader; ``decode`` is called by one thread at a time."""
+    """Up to ``pipelines`` DALI pipelines per loader, built as decode threads first need
+    them; each runs one batch at a time, so that many batches are decoded at once (on a GPU,
+    one batch's host work overlaps another's nvJPEG and resize)."""
 
     def __init__(
         self,
@@ -57,7 +60,10 @@ class DaliImageDecoder:
         device: str = "cpu",
         device_id: int | None = None,
         hw_decoder_load: float = 0.65,
+        pipelines: int = 1,
     ) -> None:
+        if pipelines < 1:
+            raise ValueError(f"DALI needs at least one pipeline, got {pipelines}")
         if device not in ("cpu", "gpu"):
             raise ValueError(f"DALI decode device must be 'cpu' or 'gpu', got {device!r}")
         if device == "gpu" and not torch.cuda.is_available():
@@ -70,7 +76,9 @@ class DaliImageDecoder:
         if device == "gpu" and self.device_id is None:
             self.device_id = torch.cuda.current_device()
         self.hw_decoder_load = hw_decoder_load
-        self._pipeline: Any = None
+        self.pipelines = pipelines
+        self._idle: queue.SimpleQueue[_Pipeline] = queue.SimpleQueue()
+        self._built = 0  # pipelines that exist: idle or running a batch
         self._lock = threading.Lock()
 
     def _build(self) -> Any:
@@ -116,9 +124,10 @@ class DaliImageDecoder:
         """N×size×size×3 uint8: on the GPU a new CUDA tensor; on the CPU written to
         ``into[rows]`` (default: a new array) and returned.
 
-        DALI's CPU output is a view of a buffer the next ``run()`` overwrites, so it is copied
-        out before the lock is released: a second decode thread must not change a batch that
-        the first has not finished copying (it did: one batch in a few hundred, on 2 threads).
+        DALI's CPU output is a view of a buffer the pipeline's next ``run()`` overwrites, so it
+        is copied out before the pipeline is handed back: a second decode thread must not change
+        a batch that the first has not finished copying (it did: one batch in a few hundred, on
+        2 threads, when the copy came after the hand-back).
         """
         if into is None:
             into = np.empty((len(encoded), self.size, self.size, 3), np.uint8)
@@ -127,27 +136,80 @@ class DaliImageDecoder:
             raise ValueError("decode(into=...) needs one row per encoded image")
         if not encoded:
             return into
-        with self._lock:
-            if self._pipeline is None:
-                self._pipeline = self._build()
-            pipeline = self._pipeline
-            # One dense array per batch for the crop windows and flips (DALI splits the outer
-            # dimension): per-sample arrays cost ~2 ms of GIL-holding Python per 64 images.
-            windows = np.array([box[:4] for box in boxes], np.float32)
-            pipeline.feed_input("jpegs", [np.frombuffer(data, np.uint8) for data in encoded])
-            pipeline.feed_input("anchors", np.ascontiguousarray(windows[:, :2]))
-            pipeline.feed_input("shapes", np.ascontiguousarray(windows[:, 2:]))
-            pipeline.feed_input("flips", np.array([box[4] for box in boxes], np.int32))
-            try:
-                (images,) = pipeline.run()
-            except RuntimeError as error:
-                # A failed run leaves the pipeline unusable: build a fresh one next time.
-                self._pipeline = None
-                raise DaliDecodeError(str(error).splitlines()[0]) from None
+        pipeline = self._take()
+        try:
+            images = self._run(pipeline, encoded, boxes)
+        except BaseException:
+            # A failed run leaves the pipeline unusable: a fresh one is built when needed.
+            with self._lock:
+                self._built -= 1
+            raise
+        try:
             if self.device == "gpu":  # pragma: no cover - needs a GPU
-                return _to_cuda_tensor(images.as_tensor(), self.device_id)
+                tensor = images.as_tensor()
+                out = _to_cuda_tensor(tensor, self.device_id)
+                # The copy runs on the caller's stream after the work queued there: DALI's
+                # output stays referenced until it has run (checked before the next run).
+                done = torch.cuda.Event()
+                done.record(torch.cuda.current_stream(out.device))
+                pipeline.pending = (images, tensor), done
+                return out
             into[list(rows)] = np.asarray(images.as_tensor())
             return into
+        finally:
+            self._idle.put(pipeline)
+
+    @staticmethod
+    def _run(
+        pipeline: _Pipeline,
+        encoded: Sequence[bytes | memoryview],
+        boxes: Sequence[tuple[int, int, int, int, bool]],
+    ) -> Any:
+        # One dense array per batch for the crop windows and flips (DALI splits the outer
+        # dimension): per-sample arrays cost ~2 ms of GIL-holding Python per 64 images.
+        windows = np.array([box[:4] for box in boxes], np.float32)
+        built = pipeline.built
+        built.feed_input("jpegs", [np.frombuffer(data, np.uint8) for data in encoded])
+        built.feed_input("anchors", np.ascontiguousarray(windows[:, :2]))
+        built.feed_input("shapes", np.ascontiguousarray(windows[:, 2:]))
+        built.feed_input("flips", np.array([box[4] for box in boxes], np.int32))
+        if pipeline.pending is not None:  # pragma: no cover - needs a GPU
+            # The last batch's copy must be done before DALI may reuse its output.
+            pipeline.pending[1].synchronize()
+            pipeline.pending = None
+        try:
+            (images,) = built.run()
+        except RuntimeError as error:
+            raise DaliDecodeError(str(error).splitlines()[0]) from None
+        return images
+
+    def _take(self) -> _Pipeline:
+        """An idle pipeline; a new one while fewer than ``pipelines`` exist; else wait."""
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            build = self._built < self.pipelines
+            if build:
+                self._built += 1
+        if not build:
+            return self._idle.get()
+        try:
+            return _Pipeline(self._build())
+        except BaseException:
+            with self._lock:
+                self._built -= 1
+            raise
+
+
+class _Pipeline:
+    """A built DALI pipeline and, on a GPU, its last output with the event that marks the
+    end of that output's copy into torch."""
+
+    def __init__(self, built: Any) -> None:
+        self.built = built
+        self.pending: tuple[Any, torch.cuda.Event] | None = None
 
 
 def _to_cuda_tensor(tensor: Any, device_id: int | None) -> torch.Tensor:  # pragma: no cover

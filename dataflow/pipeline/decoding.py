@@ -82,6 +82,7 @@ def make_dali_decoder(
         max_batch=batch, size=config.image_size, threads=config.decode_workers,
         device=config.decode_device, device_id=device.index if device is not None else None,
         hw_decoder_load=config.hw_decoder_load,
+        pipelines=config.dali_pipelines or (2 if config.decode_device == "gpu" else 1),
     )  # fmt: skip
 
 

@@ -57,6 +57,7 @@ def decode_knobs(cores: int, dali: bool, gpu: bool) -> list[Knob]:
         knobs.append(Knob("data.decode_backend", ("cpu", "dali"), "decode"))
     if gpu:
         knobs.append(Knob("data.hw_decoder_load", (0.0, 0.3, 0.5, 0.65, 0.8, 1.0), "decode"))
+        knobs.append(Knob("data.dali_pipelines", (1, 2, 3, 4), "decode"))
     return knobs
 
 

@@ -84,6 +84,31 @@ def test_resume_is_exact_with_dali(photos: str) -> None:
         assert torch.equal(got["image"], want["image"])
 
 
+def test_several_pipelines_give_the_batches_of_one(photos: str) -> None:
+    one = list(loader(photos, decode_backend="dali"))
+    several = loader(photos, decode_backend="dali", dali_pipelines=3, decode_workers=3)
+    got = list(several)
+    assert len(got) == len(one) == 5
+    for a, b in zip(got, one, strict=True):
+        assert a["__key__"] == b["__key__"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_the_pipeline_pool_builds_up_to_its_size_and_then_waits() -> None:
+    decoder = DaliImageDecoder(max_batch=4, size=32, threads=1, pipelines=2)
+    first, second = decoder._take(), decoder._take()
+    assert first is not second and decoder._built == 2
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        third = pool.submit(decoder._take)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            third.result(timeout=0.3)  # both are busy: a third waits, none is built
+        decoder._idle.put(second)
+        assert third.result(timeout=10) is second
+    assert decoder._built == 2
+    with pytest.raises(ValueError, match="at least one pipeline"):
+        DaliImageDecoder(max_batch=4, size=32, threads=1, pipelines=0)
+
+
 @pytest.fixture
 def truncated(small_photo_copy: Path, tmp_path: Path) -> tuple[str, str]:
     victim = sorted(small_photo_copy.rglob("*.jpg"))[9]

@@ -3,6 +3,7 @@ ahead, and the priority of its threads."""
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
@@ -43,10 +44,11 @@ def test_an_unknown_image_field_is_a_data_error(digits: str) -> None:
         ("image_size", -1, "image_size must be >= 1, got -1"),
         ("readahead_shards", -2, "readahead_shards must be >= 0, got -2"),
         ("crop_scale", [0.5, 0.2], "crop_scale"),
+        ("dali_pipelines", -1, "dali_pipelines must be >= 0 (0: auto), got -1"),
     ],
 )
 def test_config_values_are_checked(option: str, value: object, message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         DataConfig(url="x", **{option: value})  # type: ignore[arg-type]
 
 

@@ -176,6 +176,13 @@ def test_mixed_decode_on_the_gpu(photos: str) -> None:  # pragma: no cover - GPU
         assert on_gpu["__key__"] == on_cpu["__key__"]
         difference = (on_gpu["image"].cpu().float() - on_cpu["image"].float()).abs()
         assert difference.mean(dim=(1, 2, 3)).max() <= 1.0
+    # The GPU default is 2 pipelines; 1 and 3 (with 3 decode threads) give its batches.
+    for pipelines in (1, 3):
+        other = loader(photos, decode_backend="dali", decode_device="gpu", device="cuda",
+                       dali_pipelines=pipelines, decode_workers=3)  # fmt: skip
+        for want, got in zip(gpu, other, strict=True):
+            assert got["__key__"] == want["__key__"]
+            assert torch.equal(got["image"], want["image"]), pipelines
 
 
 def test_dali_missing_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -75,15 +75,20 @@ def _device(config: Config) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+def _first_line(error: BaseException, width: int) -> str:
+    """The end (``width`` characters) of an error's first line: torch's C++ errors append
+    their whole stack below it."""
+    return (str(error).strip().splitlines() or [""])[0][-width:]
+
+
 def collective_failure(error: BaseException, timeout_s: float) -> str:
     """One line on a failed collective. gloo words its timeouts in several ways ("Timed out
     waiting 5000ms for recv", "Application timeout caused pair closure"); all of them are
     named a timeout here, so a reader sees why without knowing gloo."""
-    text = str(error).strip()
-    first = text.splitlines()[0][-300:] if text else ""
-    cause = f"{type(error).__name__}: {first}"
+    text = str(error).lower()
+    cause = f"{type(error).__name__}: {_first_line(error, 300)}"
     limit = f"train.collective_timeout_s = {timeout_s:g} s"
-    if "timed out" in text.lower() or "timeout" in text.lower():
+    if "timed out" in text or "timeout" in text:
         return f"a collective timed out: a peer did not join within {limit} ({cause})"
     return f"{cause} (ranks wait for each other at most {limit})"
 
@@ -98,7 +103,7 @@ def _setup_process_group(device: torch.device, timeout_s: float) -> tuple[int, i
         try:
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
         except (RuntimeError, dist.DistError) as error:
-            first = (str(error).strip().splitlines() or [""])[0][-200:]
+            first = _first_line(error, 200)
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             raise RendezvousError(
                 f"rank {rank} of {world_size}: the process group did not form within "
